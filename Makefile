@@ -1,0 +1,47 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both build the virtual
+# environment on first use; constraints.txt pins every package so installs are reproducible.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS ?= dev,openvino,litert,export
+
+.PHONY: run test check lint format bench clean lock
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+## run: build the demo bundles (cached) and serve them with the agent
+run: $(STAMP)
+	$(BIN)/edgefleet demo
+
+## check: lint, format check and strict typing of the packages
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## test: static checks, then the whole suite with coverage
+test: check
+	$(BIN)/python -m pytest --cov --cov-report=term $(PYTEST_ARGS)
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## bench: the serving benchmark (see benchmarks/serving/README.md)
+bench: $(STAMP)
+	$(BIN)/python benchmarks/serving/run.py
+
+## lock: re-pin constraints.txt from a fresh resolve of every extra
+lock:
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
+	.lockenv/bin/python -m pip install --quiet '.[$(EXTRAS)]'
+	.lockenv/bin/python -m pip freeze --exclude edgefleet > constraints.txt
+	rm -rf .lockenv
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

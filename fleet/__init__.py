@@ -1,0 +1,1 @@
+"""Fleet service: registry, rollouts, console (built in later issues)."""

@@ -1,0 +1,1 @@
+"""The contract the agent, the fleet and the exporters share: bundle format and datatypes."""
