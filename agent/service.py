@@ -1,0 +1,266 @@
+"""The agent: installs bundles into the store, loads them on the best device, serves them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from agent.devices import resolve
+from agent.errors import AgentError, ModelLoadError, ModelNotFoundError, ModelNotReadyError
+from agent.metrics import AgentMetrics
+from agent.runner import ModelRunner
+from agent.runtimes import get_backend
+from agent.selftest import make_inputs
+from agent.serving import ServedModel, check_fallback_compatible
+from agent.settings import AgentSettings
+from agent.store import InstalledModel, ModelStore
+from edgefleet import __version__
+
+__all__ = ["Agent", "AgentStatus", "ModelStatus", "SkippedDeviceStatus"]
+
+log = logging.getLogger(__name__)
+
+
+class SkippedDeviceStatus(BaseModel):
+    device: str
+    reason: str
+
+
+class ModelStatus(BaseModel):
+    name: str
+    version: str | None
+    runtime: str | None
+    requested_devices: list[str]
+    device: str | None
+    skipped_devices: list[SkippedDeviceStatus]
+    fallback: str | None
+    circuit: str
+    load_error: str | None
+    inflight: int
+    queue_depth: int
+
+
+class AgentStatus(BaseModel):
+    agent_version: str
+    ready: bool
+    uptime_s: float
+    state_dir: str
+    models: list[ModelStatus]
+
+
+class Agent:
+    """Owns the store and every served model; the HTTP layer only reads from it."""
+
+    def __init__(self, settings: AgentSettings, metrics: AgentMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or AgentMetrics()
+        self.models: dict[str, ServedModel] = {}
+        self.failed: dict[str, str] = {}  # model name -> why neither primary nor fallback loaded
+        self.ready = False
+        self.started = time.monotonic()
+        self.store = ModelStore(settings.state_dir, keep_previous=settings.keep_previous)
+        self._fallback: ModelRunner | None = None
+
+    async def start(self) -> None:
+        """Install the configured bundles, load every active model, then report ready."""
+        s = self.settings
+        fallback_installed = None
+        if s.fallback is not None:
+            fallback_installed = await asyncio.to_thread(self._install, s.fallback, pin=True)
+        names = [(await asyncio.to_thread(self._install, b, pin=False)).name for b in s.bundles]
+        if not s.bundles:  # a restart: serve what the store has active
+            names = [n for n in self.store.names() if self.store.active(n) is not None]
+        if fallback_installed is not None:
+            names = [n for n in names if n != fallback_installed.name]
+            self._fallback = await self._load_fallback(fallback_installed)
+        for name in names:
+            await self._serve(name)
+        if not self.models and not self.failed:
+            log.warning("no models to serve: pass --bundle or install one into the store")
+        self.ready = True
+        log.info("agent ready", extra={"models": sorted(self.models), "failed": self.failed})
+
+    def _install(self, bundle: Path, *, pin: bool) -> InstalledModel:
+        installed = self.store.install(bundle)
+        if pin:
+            self.store.pin(installed.name, installed.version)
+        self.store.activate(installed.name, installed.version)
+        return installed
+
+    async def _load_fallback(self, installed: InstalledModel) -> ModelRunner | None:
+        try:
+            runner = await self.load(installed)
+        except ModelLoadError as e:
+            log.error("fallback failed to load", extra={"model": installed.name, "error": str(e)})
+            self.failed[installed.name] = str(e)
+            return None
+        self.models[runner.name] = ServedModel(
+            runner.name, self.settings.serving_config(), self.metrics, primary=runner
+        )
+        return runner
+
+    async def _serve(self, name: str) -> None:
+        installed = self.store.active(name)
+        assert installed is not None
+        primary: ModelRunner | None = None
+        error: str | None = None
+        try:
+            primary = await self.load(installed)
+        except ModelLoadError as e:
+            error = str(e)
+            log.error("model failed to load", extra={"model": name, "error": error})
+        fallback = self._fallback
+        if fallback is not None:
+            try:
+                check_fallback_compatible(
+                    installed.manifest.inputs, installed.manifest.outputs, fallback
+                )
+            except ModelLoadError as e:
+                log.warning("no fallback for this model", extra={"model": name, "error": str(e)})
+                fallback = None
+        if primary is None and fallback is None:
+            self.failed[name] = error or "unknown"
+            return
+        self.models[name] = ServedModel(
+            name,
+            self.settings.serving_config(),
+            self.metrics,
+            primary=primary,
+            fallback=fallback,
+            load_error=error,
+        )
+
+    async def load(self, installed: InstalledModel) -> ModelRunner:
+        """Resolve the device, self-test and warm up one installed version (off the loop)."""
+        return await asyncio.to_thread(self._load_blocking, installed)
+
+    def _load_blocking(self, installed: InstalledModel) -> ModelRunner:
+        manifest = installed.manifest
+        backend = get_backend(manifest.runtime)
+        resolution = resolve(
+            backend,
+            installed.path / manifest.model_file,
+            self.settings.device,
+            manifest.golden,
+            self.settings.runtime_options(),
+        )
+        try:
+            # Warm up at the largest batch so the first real batch allocates nothing new.
+            resolution.session.run(make_inputs(manifest.inputs, batch=manifest.max_batch_size))
+        except AgentError as e:
+            resolution.session.close()
+            raise ModelLoadError(f"{manifest.name}@{manifest.version} failed warm-up: {e}") from e
+        for skipped in resolution.skipped:
+            log.info(
+                "device skipped",
+                extra={"model": manifest.name, "device": skipped.device, "reason": skipped.reason},
+            )
+        self.metrics.model_info.labels(
+            manifest.name,
+            manifest.version,
+            manifest.runtime,
+            ",".join(resolution.requested),
+            resolution.device,
+        ).set(1)
+        observe = self.metrics.observer(manifest.name, manifest.version)
+        log.info(
+            "model loaded",
+            extra={
+                "model": manifest.name,
+                "version": manifest.version,
+                "device": resolution.device,
+            },
+        )
+        return ModelRunner(manifest, resolution, self.settings.runner_config(), observe)
+
+    async def update(self, bundle: Path) -> ModelRunner:
+        """Install a new version and swap it in while traffic flows; the old one drains."""
+        installed = await asyncio.to_thread(self.store.install, bundle)
+        runner = await self.load(installed)
+        served = self.models.get(installed.name)
+        if served is None:
+            self.models[installed.name] = ServedModel(
+                installed.name,
+                self.settings.serving_config(),
+                self.metrics,
+                primary=runner,
+                fallback=self._fallback,
+            )
+        else:
+            await served.swap(runner)
+        await asyncio.to_thread(self.store.activate, installed.name, installed.version)
+        self.failed.pop(installed.name, None)
+        return runner
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            if name in self.failed:
+                raise ModelNotReadyError(f"model {name!r} failed to load: {self.failed[name]}")
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFoundError(f"unknown model {name!r} (this agent serves: {known})")
+        if version is not None and version not in served.versions:
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r} loaded "
+                f"(loaded: {', '.join(served.versions)})"
+            )
+        return served
+
+    def status(self) -> AgentStatus:
+        models = [self._model_status(name, served) for name, served in sorted(self.models.items())]
+        models += [
+            ModelStatus(
+                name=name,
+                version=None,
+                runtime=None,
+                requested_devices=list(self.settings.device),
+                device=None,
+                skipped_devices=[],
+                fallback=None,
+                circuit="closed",
+                load_error=error,
+                inflight=0,
+                queue_depth=0,
+            )
+            for name, error in sorted(self.failed.items())
+        ]
+        return AgentStatus(
+            agent_version=__version__,
+            ready=self.ready,
+            uptime_s=round(time.monotonic() - self.started, 3),
+            state_dir=str(self.settings.state_dir),
+            models=models,
+        )
+
+    def _model_status(self, name: str, served: ServedModel) -> ModelStatus:
+        runner = served.primary
+        fallback = served.fallback
+        return ModelStatus(
+            name=name,
+            version=runner.version if runner else None,
+            runtime=runner.manifest.runtime if runner else None,
+            requested_devices=list(self.settings.device),
+            device=runner.device if runner else None,
+            skipped_devices=[
+                SkippedDeviceStatus(device=s.device, reason=s.reason)
+                for s in (runner.resolution.skipped if runner else ())
+            ],
+            fallback=f"{fallback.name}@{fallback.version}" if fallback else None,
+            circuit=served.circuit.state.value,
+            load_error=served.load_error,
+            inflight=runner.inflight if runner else 0,
+            queue_depth=runner.batcher.depth if runner else 0,
+        )
+
+    async def close(self) -> None:
+        """Drain and unload every model."""
+        runners = {id(s.primary): s.primary for s in self.models.values() if s.primary}
+        for runner in runners.values():
+            await runner.drain()
+            runner.close()
+        self.models.clear()
+        self.ready = False

@@ -1,0 +1,212 @@
+"""A served model: the primary version, the pinned fallback, the circuit between them.
+
+Requests go to the primary under a deadline. If the primary is not loaded, raises, misses its
+deadline, or its circuit is open, the fallback answers and the answer says so. A new version is
+swapped in only after it loaded, warmed up and passed its self-test; the old one drains first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.circuit import CircuitBreaker, CircuitState
+from agent.errors import (
+    AgentError,
+    DeadlineExceededError,
+    ModelLoadError,
+    ModelNotReadyError,
+    OverloadedError,
+)
+from agent.metrics import AgentMetrics
+from agent.runner import ModelRunner
+from protocol.manifest import TensorSpec
+
+__all__ = ["Answer", "ServedModel", "ServingConfig", "check_fallback_compatible"]
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    deadline: float = 1.0  # seconds the primary has to answer one request
+    circuit_failures: int = 5  # consecutive primary failures that open the circuit
+    circuit_reset: float = 10.0  # seconds before an open circuit lets one trial through
+    result_cache_entries: int = 0  # answers kept for repeated inputs; 0 disables the cache
+
+
+@dataclass(frozen=True)
+class Answer:
+    outputs: Mapping[str, np.ndarray]
+    output_specs: tuple[TensorSpec, ...]
+    model_name: str
+    model_version: str
+    fallback: bool
+    reason: str | None = None  # why the fallback answered
+
+
+class ServedModel:
+    """Everything that answers requests for one model name."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ServingConfig,
+        metrics: AgentMetrics,
+        *,
+        primary: ModelRunner | None,
+        fallback: ModelRunner | None = None,
+        load_error: str | None = None,
+    ) -> None:
+        if primary is None and fallback is None:
+            raise ModelNotReadyError(f"model {name!r} has neither a primary nor a fallback loaded")
+        self.name = name
+        self.config = config
+        self.primary = primary
+        self.fallback = fallback
+        self.load_error = load_error
+        self.circuit = CircuitBreaker(config.circuit_failures, config.circuit_reset)
+        self._metrics = metrics
+        self._cache: OrderedDict[bytes, Answer] = OrderedDict()
+        self._latency = metrics.request_seconds.labels(name)
+        self._circuit_gauge = metrics.circuit_open.labels(name)
+        self._circuit_was_open = False
+
+    @property
+    def serving(self) -> ModelRunner:
+        """The runner whose signature and version the API shows."""
+        runner = self.primary or self.fallback
+        assert runner is not None
+        return runner
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        return (self.serving.version,)
+
+    def observe_latency(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    async def infer(self, inputs: Mapping[str, np.ndarray], rows: int) -> Answer:
+        key = self._cache_key(inputs) if self.config.result_cache_entries else None
+        if key is not None and (hit := self._cache.get(key)) is not None:
+            self._cache.move_to_end(key)
+            return hit
+        answer = await self._infer(inputs, rows)
+        if key is not None and not answer.fallback:
+            self._cache[key] = answer
+            if len(self._cache) > self.config.result_cache_entries:
+                self._cache.popitem(last=False)
+        return answer
+
+    async def _infer(self, inputs: Mapping[str, np.ndarray], rows: int) -> Answer:
+        primary = self.primary
+        error: AgentError
+        if primary is None:
+            reason = "primary_not_loaded"
+            error = ModelNotReadyError(f"model {self.name!r} failed to load: {self.load_error}")
+        elif not self.circuit.allow():
+            reason = "circuit_open"
+            error = ModelNotReadyError(f"model {self.name!r} is failing; its circuit is open")
+        else:
+            try:
+                outputs = await primary.run(inputs, rows, self.config.deadline)
+            except OverloadedError:
+                raise  # a full queue is back-pressure, not a model failure
+            except DeadlineExceededError as e:
+                reason, error = "deadline", e
+                self._record_failure(reason)
+            except AgentError as e:
+                reason, error = "error", e
+                self._record_failure(reason)
+            else:
+                self.circuit.record_success()
+                if self._circuit_was_open:
+                    self._circuit_was_open = False
+                    self._circuit_gauge.set(0)
+                self._metrics.requests.labels(self.name, primary.version, "false").inc()
+                return Answer(outputs, primary.manifest.outputs, self.name, primary.version, False)
+        fallback = self.fallback
+        if fallback is None:
+            raise error
+        log.debug("fallback answers %s: %s", self.name, reason)
+        outputs = await fallback.run(inputs, rows, self.config.deadline)
+        self._metrics.fallbacks.labels(self.name, reason).inc()
+        self._metrics.requests.labels(fallback.name, fallback.version, "true").inc()
+        return Answer(
+            outputs, fallback.manifest.outputs, fallback.name, fallback.version, True, reason
+        )
+
+    def _record_failure(self, reason: str) -> None:
+        self._metrics.failures.labels(self.name, reason).inc()
+        self.circuit.record_failure()
+        if self.circuit.state is CircuitState.OPEN:
+            self._circuit_was_open = True
+            self._circuit_gauge.set(1)
+
+    async def swap(self, runner: ModelRunner) -> None:
+        """Make ``runner`` the primary, then drain and unload the old one.
+
+        ``runner`` has already loaded, warmed up and passed its self-test.
+        """
+        if self.fallback is not None:
+            check_fallback_compatible(
+                runner.manifest.inputs, runner.manifest.outputs, self.fallback
+            )
+        old, self.primary = self.primary, runner
+        self.load_error = None
+        self.circuit.record_success()
+        self._cache.clear()
+        log.info(
+            "model switched",
+            extra={"model": self.name, "version": runner.version, "device": runner.device},
+        )
+        if old is not None:
+            if not await old.drain():
+                log.warning(
+                    "old version still busy after drain timeout; unloading",
+                    extra={"model": self.name, "version": old.version},
+                )
+            old.close()
+
+    def close(self) -> None:
+        if self.primary is not None:
+            self.primary.close()
+
+    @staticmethod
+    def _cache_key(inputs: Mapping[str, np.ndarray]) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for name, array in inputs.items():
+            h.update(name.encode())
+            h.update(array.dtype.str.encode())
+            h.update(repr(array.shape).encode())
+            h.update(np.ascontiguousarray(array).data)
+        return h.digest()
+
+
+def check_fallback_compatible(
+    inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], fallback: ModelRunner
+) -> None:
+    """The fallback must accept the primary's inputs and produce the primary's outputs."""
+    theirs = {t.name: t for t in fallback.manifest.inputs}
+    for spec in inputs:
+        other = theirs.get(spec.name)
+        if other is None or other.datatype != spec.datatype:
+            raise ModelLoadError(
+                f"fallback {fallback.name}@{fallback.version} cannot stand in: input "
+                f"{spec.name!r} ({spec.datatype}) is "
+                + ("missing" if other is None else f"{other.datatype} there")
+            )
+    produced = {t.name: t.datatype for t in fallback.manifest.outputs}
+    for spec in outputs:
+        if produced.get(spec.name) != spec.datatype:
+            raise ModelLoadError(
+                f"fallback {fallback.name}@{fallback.version} cannot stand in: it does not "
+                f"produce output {spec.name!r} as {spec.datatype}"
+            )

@@ -1,0 +1,109 @@
+"""The agent's configuration: read once from flags and ``EDGEFLEET_AGENT_*`` variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from agent.runner import RunnerConfig
+from agent.runtimes.base import RuntimeOptions
+from agent.serving import ServingConfig
+
+__all__ = ["DEVICES", "AgentSettings", "default_state_dir"]
+
+DEVICES = ("CPU", "GPU", "NPU")
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/edgefleet/agent``, or ``~/.local/state/edgefleet/agent``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgefleet" / "agent"
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class AgentSettings(BaseSettings):
+    """Every setting of ``edgefleet agent serve``; each has an ``EDGEFLEET_AGENT_`` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_AGENT_", frozen=True, extra="forbid")
+
+    bundles: Annotated[tuple[Path, ...], NoDecode] = Field(
+        default=(), description="bundles to install and serve (comma-separated in the variable)"
+    )
+    fallback: Path | None = Field(default=None, description="the pinned fallback bundle")
+    device: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("CPU",), description="device preference, first that works wins: NPU,GPU,CPU"
+    )
+    host: str = Field(default="127.0.0.1", description="TCP address to listen on")
+    port: int = Field(default=8470, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    socket: Path | None = Field(
+        default=None, description="Unix socket path (default: <state-dir>/agent.sock)"
+    )
+    state_dir: Path = Field(default_factory=default_state_dir, description="model store and state")
+    token: SecretStr | None = Field(default=None, description="bearer token callers must send")
+    threads: int = Field(default=1, ge=1, le=64, description="runtime threads per inference")
+    max_delay_us: int = Field(default=0, ge=0, description="µs a batch may wait to fill")
+    max_queue: int = Field(default=256, ge=1, description="requests waiting per model")
+    deadline_ms: float = Field(default=1000.0, gt=0, description="ms the primary has per request")
+    circuit_failures: int = Field(default=5, ge=1, description="failures that open the circuit")
+    circuit_reset_s: float = Field(default=10.0, gt=0, description="s before a trial request")
+    result_cache: int = Field(default=0, ge=0, description="cached answers; 0 = off")
+    max_body_mb: float = Field(default=64.0, gt=0, description="largest request body, MiB")
+    keep_previous: int = Field(default=2, ge=0, description="old versions kept on disk")
+    drain_s: float = Field(default=10.0, ge=0, description="s to finish in-flight work")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    _bundles = field_validator("bundles", mode="before")(classmethod(lambda cls, v: _split(v)))
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _devices(cls, value: object) -> object:
+        value = _split(value)
+        if isinstance(value, tuple | list):
+            devices = tuple(str(d).strip().upper() for d in value)
+            unknown = [d for d in devices if d not in DEVICES]
+            if unknown:
+                raise ValueError(
+                    f"unknown device {', '.join(unknown)}; use {', '.join(DEVICES)} "
+                    "in order of preference, e.g. NPU,GPU,CPU"
+                )
+            if not devices:
+                raise ValueError("name at least one device, e.g. CPU")
+            return devices
+        return value
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket if self.socket is not None else self.state_dir / "agent.sock"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(
+            intra_op_threads=self.threads,
+            openvino_cache_dir=self.state_dir / "cache" / "openvino",
+        )
+
+    def runner_config(self) -> RunnerConfig:
+        return RunnerConfig(
+            max_delay_us=self.max_delay_us, max_queue=self.max_queue, drain_timeout=self.drain_s
+        )
+
+    def serving_config(self) -> ServingConfig:
+        return ServingConfig(
+            deadline=self.deadline_ms / 1000,
+            circuit_failures=self.circuit_failures,
+            circuit_reset=self.circuit_reset_s,
+            result_cache_entries=self.result_cache,
+        )
