@@ -39,6 +39,11 @@ class AgentClient:
         token: str | None = None,
         timeout: float = 10.0,  # seconds
     ) -> None:
+        if socket is not None and not socket.exists():
+            raise ClientError(
+                f"no agent socket at {socket}; is `edgefleet agent serve` running, "
+                "and is that its --socket path?"
+            )
         headers = {"authorization": f"Bearer {token}"} if token else {}
         transport = httpx.HTTPTransport(uds=str(socket)) if socket else None
         self.target = f"unix:{socket}" if socket else url

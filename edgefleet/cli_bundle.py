@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -68,8 +69,9 @@ def bundle() -> None:
 @click.option(
     "--out",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Bundle file to write, or a folder to write <name>-<version>.efb into.",
+    type=click.Path(),
+    help="Bundle file to write, or a folder to write <name>-<version>.efb into "
+    "(a path ending in / is created as a folder).",
 )
 @click.option(
     "--runtime",
@@ -107,7 +109,7 @@ def create_command(
     model: Path,
     name: str,
     version: str,
-    out: Path,
+    out: str,
     runtime: str | None,
     fallback: str | None,
     max_batch: int,
@@ -131,7 +133,9 @@ def create_command(
     # Imported here: the exporters load runtimes, which `inspect` and `verify` do not need.
     from exporters.package import bundle_path, create_bundle
 
-    target = bundle_path(out, name, version)
+    if out.endswith(("/", os.sep)):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    target = bundle_path(Path(out), name, version)
     manifest = create_bundle(
         model,
         name=name,
@@ -184,7 +188,9 @@ def verify_command(file: Path) -> None:
       edgefleet bundle verify digits-2.0.0.efb
     """
     manifest = verify_bundle(file)
-    click.echo(f"OK {file.name}: {manifest.name}@{manifest.version}, {len(manifest.files)} files")
+    count = len(manifest.files)
+    files = f"{count} file" if count == 1 else f"{count} files"
+    click.echo(f"OK {file.name}: {manifest.name}@{manifest.version}, {files}")
     click.echo(f"sha256 {file_digest(file)}")
 
 

@@ -49,8 +49,10 @@ def build_demo_bundles(work_dir: Path) -> tuple[Path, Path]:
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target
-    with click.progressbar(length=4, label="building demo bundles", file=None) as bar:
-        mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0).fit(x, y)
+    with click.progressbar(length=4, label="building demo bundles") as bar:
+        mlp = MLPClassifier(
+            hidden_layer_sizes=(64,), early_stopping=True, max_iter=200, random_state=0
+        ).fit(x, y)
         bar.update(1)
         small = LogisticRegression(max_iter=500).fit(x, y)
         bar.update(1)
