@@ -50,6 +50,9 @@ class AgentSettings(BaseSettings):
     state_dir: Path = Field(default_factory=default_state_dir, description="model store and state")
     token: SecretStr | None = Field(default=None, description="bearer token callers must send")
     threads: int = Field(default=1, ge=1, le=64, description="runtime threads per inference")
+    arena_mb: int = Field(
+        default=1024, ge=0, description="MiB cap on ONNX Runtime's CPU arena; 0 = no arena"
+    )
     max_delay_us: int = Field(default=0, ge=0, description="µs a batch may wait to fill")
     max_queue: int = Field(default=256, ge=1, description="requests waiting per model")
     deadline_ms: float = Field(default=1000.0, gt=0, description="ms the primary has per request")
@@ -92,6 +95,7 @@ class AgentSettings(BaseSettings):
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(
             intra_op_threads=self.threads,
+            arena_limit_mb=self.arena_mb,
             openvino_cache_dir=self.state_dir / "cache" / "openvino",
         )
 

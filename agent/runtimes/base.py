@@ -20,7 +20,7 @@ class RuntimeOptions:
 
     intra_op_threads: int = 1  # threads per inference
     inter_op_threads: int = 1  # threads across graph branches
-    arena_limit_mb: int = 256  # MiB; bounds ONNX Runtime's CPU arena
+    arena_limit_mb: int = 1024  # MiB; bounds ONNX Runtime's CPU arena (shared by all models)
     openvino_cache_dir: Path | None = None  # compiled-model cache; None disables it
     openvino_hint: str = "LATENCY"
 

@@ -60,9 +60,16 @@ def manifest(name: str = "m", version: str = "1.0.0", *, batchable: bool = True)
 
 
 def runner(
-    session: FakeSession, name: str = "m", version: str = "1.0.0", *, batchable: bool = True
+    session: FakeSession,
+    name: str = "m",
+    version: str = "1.0.0",
+    *,
+    batchable: bool = True,
+    config: RunnerConfig | None = None,
 ) -> ModelRunner:
     resolution = Resolution(session=session, requested=("CPU",), device="CPU", skipped=())
     return ModelRunner(
-        manifest(name, version, batchable=batchable), resolution, RunnerConfig(drain_timeout=5)
+        manifest(name, version, batchable=batchable),
+        resolution,
+        config or RunnerConfig(drain_timeout=5),
     )

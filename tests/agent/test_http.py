@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.agent.conftest import RunningAgent
-from tests.models import mlp_reference, mlp_weights
+from tests.conftest import RunningAgent
+from tests.models import mlp_onnx, mlp_reference, mlp_weights
 
 StartAgent = Callable[..., RunningAgent]
 ROW = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
@@ -245,3 +245,35 @@ def test_hot_swap_under_concurrent_load_fails_no_request(
     assert failures == []
     assert versions[0] == "1.0.0" and versions[-1] == "2.0.0"
     assert agent.agent.store.active("mlp").version == "2.0.0"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "litert"])
+def test_openvino_and_litert_bundles_serve_through_the_same_api(
+    start_agent: StartAgent, tmp_path: Path, runtime: str
+) -> None:
+    from exporters.package import create_bundle
+    from tests.models import mlp_tflite, openvino_ir
+
+    if runtime == "openvino":
+        model = openvino_ir(mlp_onnx(tmp_path / "m.onnx", seed=5), tmp_path / "ir")
+    else:
+        model = mlp_tflite(tmp_path / "m.tflite", seed=5)
+    bundle = tmp_path / f"{runtime}.efb"
+    create_bundle(model, name=runtime, version="1.0.0", out=bundle, max_batch=4)
+    running = start_agent(bundles=(bundle,), device="NPU,GPU,CPU")
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    with running.client() as http:
+        doc = http.post(f"/v2/models/{runtime}/infer", json=_infer_body(x)).json()
+        meta = http.get(f"/v2/models/{runtime}").json()
+    logits = next(o for o in doc["outputs"] if o["name"] == "logits")
+    np.testing.assert_allclose(
+        np.asarray(logits["data"], np.float32).reshape(3, 10),
+        mlp_reference(x, mlp_weights(seed=5))["logits"],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    assert meta["parameters"]["runtime"] == runtime
+    assert meta["parameters"]["device"] == "CPU"
+    skipped = {s["device"]: s["reason"] for s in meta["parameters"]["skipped_devices"]}
+    assert set(skipped) == {"NPU", "GPU"}
+    assert all(skipped.values())
