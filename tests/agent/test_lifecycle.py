@@ -14,8 +14,8 @@ import pytest
 from agent.serving import ServedModel
 from protocol.bundle import build_bundle, read_manifest
 from protocol.manifest import GoldenCase, GoldenTest, TensorData
-from tests.conftest import RunningAgent
 from tests.agent.fakes import FakeSession, runner
+from tests.conftest import RunningAgent
 from tests.models import mlp_onnx
 
 StartAgent = Callable[..., RunningAgent]
@@ -113,13 +113,12 @@ def test_shutdown_finishes_in_flight_requests(
 ) -> None:
     running = start_agent(bundles=(bundles["mlp-1"],))
     session = _install_slow_model(running, delay=0.5)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        with running.client() as http:
-            pending = pool.submit(http.post, "/v2/models/slow/infer", json=FAKE)
-            while session.calls == 0:
-                time.sleep(0.01)
-            running.stop()
-            response = pending.result(10)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, running.client() as http:
+        pending = pool.submit(http.post, "/v2/models/slow/infer", json=FAKE)
+        while session.calls == 0:
+            time.sleep(0.01)
+        running.stop()
+        response = pending.result(10)
     assert response.status_code == 200
     np.testing.assert_array_equal(response.json()["outputs"][0]["data"], [2.0, 4.0, 6.0])
     assert session.closed
