@@ -9,13 +9,13 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from agent.devices import parse_devices
+from agent.errors import ModelLoadError
 from agent.runner import RunnerConfig
 from agent.runtimes.base import RuntimeOptions
 from agent.serving import ServingConfig
 
-__all__ = ["DEVICES", "AgentSettings", "default_state_dir"]
-
-DEVICES = ("CPU", "GPU", "NPU")
+__all__ = ["AgentSettings", "default_state_dir"]
 
 
 def default_state_dir() -> Path:
@@ -70,18 +70,11 @@ class AgentSettings(BaseSettings):
     @field_validator("device", mode="before")
     @classmethod
     def _devices(cls, value: object) -> object:
-        value = _split(value)
-        if isinstance(value, tuple | list):
-            devices = tuple(str(d).strip().upper() for d in value)
-            unknown = [d for d in devices if d not in DEVICES]
-            if unknown:
-                raise ValueError(
-                    f"unknown device {', '.join(unknown)}; use {', '.join(DEVICES)} "
-                    "in order of preference, e.g. NPU,GPU,CPU"
-                )
-            if not devices:
-                raise ValueError("name at least one device, e.g. CPU")
-            return devices
+        if isinstance(value, str | list | tuple):
+            try:
+                return parse_devices(value)
+            except ModelLoadError as e:
+                raise ValueError(str(e)) from None
         return value
 
     @property

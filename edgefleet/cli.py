@@ -17,7 +17,7 @@ class _LazyGroup(click.Group):
 
     _commands: ClassVar[dict[str, tuple[str, str, str]]] = {
         "agent": (
-            "agent.cli",
+            "edgefleet.cli_agent",
             "agent",
             "Serve models on this device (OIP v2 over HTTP and a socket).",
         ),

@@ -4,41 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import click
 
-from agent.errors import AgentError
-from exporters.errors import ExportError
+from edgefleet.cli_errors import reported
 from protocol.bundle import file_digest, read_manifest, verify_bundle
-from protocol.errors import ProtocolError
 from protocol.manifest import Manifest, TensorSpec
 
 __all__ = ["bundle"]
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _reported(command: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Print a refused operation as one ``error:`` line and exit 1, without a traceback."""
-
-    @wraps(command)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return command(*args, **kwargs)
-        except (ProtocolError, ExportError, AgentError) as e:
-            click.echo(f"error: {e}", err=True)
-            raise click.exceptions.Exit(1) from None
-        except OSError as e:
-            where = f" {e.filename}" if e.filename else ""
-            click.echo(f"error:{where}: {e.strerror or e}", err=True)
-            raise click.exceptions.Exit(1) from None
-
-    return wrapper
 
 
 @click.group()
@@ -104,7 +78,7 @@ def bundle() -> None:
     show_default=True,
     help="Self-test cases recorded from the model's own outputs.",
 )
-@_reported
+@reported
 def create_command(
     model: Path,
     name: str,
@@ -156,7 +130,7 @@ def create_command(
 @bundle.command("inspect")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json instead of a summary.")
-@_reported
+@reported
 def inspect_command(file: Path, as_json: bool) -> None:
     """Show what a bundle holds, from its manifest, without checking the model files.
 
@@ -176,7 +150,7 @@ def inspect_command(file: Path, as_json: bool) -> None:
 
 @bundle.command("verify")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-@_reported
+@reported
 def verify_command(file: Path) -> None:
     """Check every member of a bundle against its manifest (names, types, sizes, sha256).
 

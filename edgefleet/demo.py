@@ -101,7 +101,7 @@ def demo(work_dir: Path, port: int) -> None:
     digits@2.0.0        a small neural network trained on scikit-learn's digits
     digits-small@1.0.0  a logistic regression, pinned as its fallback
     """
-    from agent.cli import serve_command
+    from edgefleet.cli_agent import serve_command
 
     primary, fallback = build_demo_bundles(work_dir)
     request = work_dir / "request.json"

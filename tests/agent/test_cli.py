@@ -118,7 +118,7 @@ def test_bad_settings_are_named_without_a_traceback(tmp_path: Path) -> None:
         cli, ["agent", "serve", "--device", "TPU,CPU", "--state-dir", str(tmp_path)]
     )
     assert result.exit_code == 2
-    assert "unknown device TPU" in result.output and "NPU,GPU,CPU" in result.output
+    assert "unknown device 'TPU'" in result.output and "NPU,GPU,CPU" in result.output
     assert "Traceback" not in result.output
 
 

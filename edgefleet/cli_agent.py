@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,12 @@ import orjson
 from pydantic import ValidationError
 
 from agent.client import AgentClient
-from agent.errors import AgentError
 from agent.http.server import Listeners, bind_listeners, serve
 from agent.selftest import make_inputs
 from agent.service import Agent
 from agent.settings import AgentSettings, default_state_dir
+from edgefleet.cli_errors import reported
 from edgefleet.logs import configure_logging
-from protocol.errors import ProtocolError
 
 __all__ = ["agent"]
 
@@ -80,6 +78,7 @@ def _settings(**flags: Any) -> AgentSettings:
     "--log-format", type=click.Choice(["text", "json"]), help="Log format [default: text]."
 )
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@reported
 def serve_command(**flags: Any) -> None:
     """Install bundles into the local store and serve them.
 
@@ -101,11 +100,8 @@ def serve_command(**flags: Any) -> None:
     """
     settings = _settings(**flags)
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        listeners = bind_listeners(settings.host, settings.port, settings.socket_path)
-        _run(serve(Agent(settings), listeners, on_ready=_announce))
-    except (AgentError, ProtocolError) as e:
-        raise click.ClickException(str(e)) from None
+    listeners = bind_listeners(settings.host, settings.port, settings.socket_path)
+    _run(serve(Agent(settings), listeners, on_ready=_announce))
 
 
 def _run(coro: Any) -> None:
@@ -147,6 +143,7 @@ def _client_options(f: Any) -> Any:
 @agent.command("status")
 @_client_options
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status document.")
+@reported
 def status_command(url: str, socket: Path | None, token: str | None, as_json: bool) -> None:
     """Show the models this agent serves, on which device, and their health.
 
@@ -154,11 +151,8 @@ def status_command(url: str, socket: Path | None, token: str | None, as_json: bo
     Example:
       edgefleet agent status --socket ~/.local/state/edgefleet/agent/agent.sock
     """
-    try:
-        with AgentClient(url, socket, token) as client:
-            doc = client.status()
-    except AgentError as e:
-        raise click.ClickException(str(e)) from None
+    with AgentClient(url, socket, token) as client:
+        doc = client.status()
     if as_json:
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return
@@ -194,6 +188,7 @@ def status_command(url: str, socket: Path | None, token: str | None, as_json: bo
 @click.option("--version", help="Ask for this version of the model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
 @_client_options
+@reported
 def infer_command(
     model: str,
     inputs: tuple[str, ...],
@@ -214,12 +209,9 @@ def infer_command(
     """
     if not inputs and not random_inputs:
         raise click.UsageError("give --input NAME=FILE.npy (repeatable) or --random")
-    try:
-        with AgentClient(url, socket, token) as client:
-            arrays = _random_inputs(client, model) if random_inputs else _parse_inputs(inputs)
-            result = client.infer(model, arrays, version)
-    except AgentError as e:
-        raise click.ClickException(str(e)) from None
+    with AgentClient(url, socket, token) as client:
+        arrays = _random_inputs(client, model) if random_inputs else _parse_inputs(inputs)
+        result = client.infer(model, arrays, version)
     if as_json:
         doc = {
             "model_name": result.model_name,
@@ -269,7 +261,3 @@ def _parse_inputs(items: tuple[str, ...]) -> dict[str, np.ndarray]:
                     f"{name}: not a JSON list of numbers ({e})", param_hint="--input"
                 ) from None
     return arrays
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(agent())
