@@ -146,13 +146,31 @@ class Quantization(_Frozen):
 
 
 class FeatureBins(_Frozen):
-    """Reference histogram of one feature or output: bin edges and reference counts."""
+    """Reference histogram of one feature: where it comes from, its bins, reference counts.
 
-    name: str
+    Numeric bins: ``edges`` e0 < e1 < ... < e(n-1) give n + 1 counts: below e0 (underflow),
+    the n - 1 reference intervals (the last one closed), and above e(n-1) or NaN (overflow).
+    Categorical bins: one count per category, then one for every other value.
+    """
+
+    name: str  # e.g. "input[3]", "label"
+    tensor: str  # the input or output tensor the values come from
+    column: int | None = None  # index in the flattened row; None: the row's mean
     kind: Literal["numeric", "categorical"] = "numeric"
     edges: tuple[float, ...] = ()
     categories: tuple[str, ...] = ()
     counts: tuple[int, ...]
+
+    @model_validator(mode="after")
+    def _shape(self) -> FeatureBins:
+        expected = len(self.edges) + 1 if self.kind == "numeric" else len(self.categories) + 1
+        if len(self.counts) != expected:
+            raise ValueError(
+                f"feature {self.name!r}: {len(self.counts)} counts for {expected} bins"
+            )
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError(f"feature {self.name!r}: edges must increase strictly")
+        return self
 
 
 class DriftProfile(_Frozen):
