@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,openvino,litert,export
+EXTRAS ?= dev,openvino,litert,export,export-torch
 
 .PHONY: run test check lint format bench clean lock
 
@@ -40,7 +40,8 @@ bench: $(STAMP)
 lock:
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
 	.lockenv/bin/python -m pip install --quiet '.[$(EXTRAS)]'
-	.lockenv/bin/python -m pip freeze --exclude edgefleet > constraints.txt
+	( echo "# Every package pinned, so make resolves the same versions everywhere. Regenerate: make lock"; \
+	  .lockenv/bin/python -m pip freeze --exclude edgefleet ) > constraints.txt
 	rm -rf .lockenv
 
 clean:
