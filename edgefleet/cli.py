@@ -23,6 +23,7 @@ class _LazyGroup(click.Group):
         ),
         "bundle": ("edgefleet.cli_bundle", "bundle", "Create, inspect and verify model bundles."),
         "demo": ("edgefleet.demo", "demo", "Build the demo bundles and serve them."),
+        "export": ("edgefleet.cli_export", "export", "Export a trained model as a checked bundle."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -164,7 +164,11 @@ def test_inspect_shows_quantization_parity_and_drift(tmp_path: Path) -> None:
             parity=ParityReport(samples=500, max_abs_diff=0.0123, top1_agreement=0.996),
         ),
         drift=DriftProfile(
-            features=(FeatureBins(name="input", edges=(0.0, 0.5, 1.0), counts=(1, 2, 3, 4)),),
+            features=(
+                FeatureBins(
+                    name="input", tensor="input", edges=(0.0, 0.5, 1.0), counts=(1, 2, 3, 4)
+                ),
+            ),
             psi_alert=0.3,
         ),
     )
