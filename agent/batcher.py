@@ -1,15 +1,21 @@
 """Dynamic batching: requests queue up while the model is busy and run together.
 
-One worker thread per loaded model pulls requests from a bounded queue. When the model is idle a
-request runs at once (no added latency at low load); while a batch runs, new requests gather and
-the next batch takes them all, up to ``max_batch_size`` rows. ``max_delay_us`` can hold a batch
-open a little longer to fill it. Runtimes release the GIL while they compute, so the event loop
-keeps serving while the worker runs.
+Worker threads (one per model version by default) pull requests from a bounded queue. When the
+model is idle a request runs at once (no added latency at low load); while a batch runs, new
+requests gather and the next batch takes them all, up to ``max_batch_size`` rows.
+``max_delay_us`` can hold a batch open a little longer to fill it. Runtimes release the GIL while
+they compute, so the event loop keeps serving while a worker runs.
+
+A model that answers in a few microseconds pays more for the hand-off to a worker thread and back
+(two thread wake-ups, tens of microseconds) than for its own compute. So when the worker is idle,
+nothing is queued and the model's recent calls took less than ``inline_below_us``, the request
+runs on the caller's thread instead: the event loop is blocked no longer than such a call takes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -35,6 +41,8 @@ class BatcherConfig:
     max_delay_us: int = 0  # microseconds to wait for a batch to fill; 0 = only what is queued
     max_queue: int = 256  # requests waiting; more are refused with 503
     batchable: bool = False  # whether inputs may be stacked on dimension 0
+    workers: int = 1  # threads running batches of this model at once
+    inline_below_us: int = 200  # run on the caller's thread when calls are this fast; 0 = never
 
 
 @dataclass
@@ -94,8 +102,16 @@ class Batcher:
         self._run = run
         self._observe = observe
         self._queue: queue.Queue[Pending | object] = queue.Queue(maxsize=config.max_queue)
-        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        # Held while a single worker computes, so an inline call never overlaps with it.
+        self._computing = threading.Lock()
+        self._inline = config.workers == 1 and config.inline_below_us > 0
+        self._call_ns = float("inf")  # moving average of one model call; unknown at first
+        self._threads = [
+            threading.Thread(target=self._work, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(config.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -113,10 +129,34 @@ class Batcher:
             ) from None
         return item
 
+    def run_inline(self, inputs: Mapping[str, np.ndarray], rows: int) -> Tensors | None:
+        """Run on the caller's thread if the model is fast and idle; None means "queue it"."""
+        if (
+            not self._inline
+            or self._call_ns > self.config.inline_below_us * 1000
+            or not self._queue.empty()
+            or not self._computing.acquire(blocking=False)
+        ):
+            return None
+        try:
+            t0 = time.perf_counter_ns()
+            try:
+                result: Tensors | BaseException = self._run(inputs)
+            except Exception as e:  # noqa: BLE001 — becomes this request's error
+                result = _as_agent_error(self.name, e)
+            self._record([rows], [result], t0, t0, time.perf_counter_ns() - t0, [t0])
+        finally:
+            self._computing.release()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     def close(self, timeout: float = 5.0) -> None:  # seconds
-        """Stop the worker after the queued requests; later submits are refused by the caller."""
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
+        """Stop the workers after the queued requests; later submits are refused by the caller."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout)
 
     # -- worker thread ---------------------------------------------------------------------
 
@@ -170,37 +210,59 @@ class Batcher:
             self._execute_group(group, started)
 
     def _execute_group(self, group: list[Pending], started: int) -> None:
-        t0 = time.perf_counter_ns()
-        try:
-            if len(group) == 1:
-                results: list[Tensors | BaseException] = [self._run(group[0].inputs)]
-            else:
-                results = _split(self._run(_stack(group)), group)
-        except Exception as e:  # noqa: BLE001 — a runtime failure becomes each request's error
-            results = self._isolate(group, e)
-        compute = time.perf_counter_ns() - t0
-        rows = sum(item.rows for item in group)
-        queue_ns = sum(started - item.enqueued for item in group)
-        with self.stats.lock:
-            s = self.stats
-            s.execution_count += 1
-            s.inference_count += rows
-            s.compute_ns += compute
-            s.queue_ns += queue_ns
-            for item, result in zip(group, results, strict=True):
-                elapsed = time.perf_counter_ns() - item.enqueued
-                if isinstance(result, BaseException):
-                    s.fail_count += 1
-                    s.fail_ns += elapsed
+        with self._computing if self._inline else contextlib.nullcontext():
+            t0 = time.perf_counter_ns()
+            try:
+                if len(group) == 1:
+                    results: list[Tensors | BaseException] = [self._run(group[0].inputs)]
                 else:
-                    s.success_count += 1
-                    s.success_ns += elapsed
-        if self._observe is not None:
-            self._observe(rows, queue_ns // len(group), compute)
+                    results = _split(self._run(_stack(group)), group)
+            except Exception as e:  # noqa: BLE001 — a runtime failure becomes each request's error
+                results = self._isolate(group, e)
+            compute = time.perf_counter_ns() - t0
+        self._record(
+            [item.rows for item in group],
+            results,
+            started,
+            t0,
+            compute,
+            [item.enqueued for item in group],
+        )
         try:
             group[0].loop.call_soon_threadsafe(_deliver, group, results)
         except RuntimeError:  # the caller's event loop has closed: nobody is waiting any more
             log.debug("dropping results for a closed event loop", extra={"model": self.name})
+
+    def _record(
+        self,
+        rows: list[int],
+        results: list[Tensors | BaseException],
+        started: int,
+        t0: int,
+        compute: int,
+        enqueued: list[int],
+    ) -> None:
+        """Statistics and metrics of one model call (all times in ns)."""
+        now = time.perf_counter_ns()
+        queue_ns = sum(started - e for e in enqueued)
+        self._call_ns = (
+            compute if self._call_ns == float("inf") else 0.8 * self._call_ns + 0.2 * compute
+        )
+        with self.stats.lock:
+            s = self.stats
+            s.execution_count += 1
+            s.inference_count += sum(rows)
+            s.compute_ns += compute
+            s.queue_ns += queue_ns
+            for result, since in zip(results, enqueued, strict=True):
+                if isinstance(result, BaseException):
+                    s.fail_count += 1
+                    s.fail_ns += now - since
+                else:
+                    s.success_count += 1
+                    s.success_ns += now - since
+        if self._observe is not None:
+            self._observe(sum(rows), queue_ns // len(rows), compute)
 
     def _isolate(self, group: list[Pending], error: Exception) -> list[Tensors | BaseException]:
         """A failed batch is retried request by request, so one bad input fails only itself."""

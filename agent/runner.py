@@ -23,6 +23,8 @@ class RunnerConfig:
     max_delay_us: int = 0  # microseconds a batch may wait to fill
     max_queue: int = 256  # requests waiting per model version
     drain_timeout: float = 10.0  # seconds an old version may take to finish in-flight requests
+    workers: int = 1  # threads running batches of one model version at once
+    inline_below_us: int = 200  # µs; faster models run on the event loop when idle (0 = never)
 
 
 class ModelRunner:
@@ -46,6 +48,8 @@ class ModelRunner:
                 max_delay_us=config.max_delay_us,
                 max_queue=config.max_queue,
                 batchable=manifest.batchable,
+                workers=config.workers,
+                inline_below_us=config.inline_below_us,
             ),
             observe,
         )
@@ -74,6 +78,9 @@ class ModelRunner:
         self._inflight += 1
         self._idle.clear()
         try:
+            answer = self.batcher.run_inline(inputs, rows)
+            if answer is not None:
+                return answer
             item = self.batcher.submit(inputs, rows)
             timer = item.loop.call_later(deadline, _expire, item, self.name, deadline)
             try:

@@ -111,7 +111,8 @@ class ServedModel:
         if primary is None:
             reason = "primary_not_loaded"
             error = ModelNotReadyError(f"model {self.name!r} failed to load: {self.load_error}")
-        elif not self.circuit.allow():
+        elif self.fallback is not None and not self.circuit.allow():
+            # Without a fallback an open circuit would only turn requests away.
             reason = "circuit_open"
             error = ModelNotReadyError(f"model {self.name!r} is failing; its circuit is open")
         else:

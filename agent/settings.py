@@ -54,6 +54,10 @@ class AgentSettings(BaseSettings):
         default=1024, ge=0, description="MiB cap on ONNX Runtime's CPU arena; 0 = no arena"
     )
     max_delay_us: int = Field(default=0, ge=0, description="µs a batch may wait to fill")
+    workers: int = Field(default=1, ge=1, le=64, description="batches of one model run at once")
+    inline_below_us: int = Field(
+        default=200, ge=0, description="µs; models this fast run on the event loop when idle"
+    )
     max_queue: int = Field(default=256, ge=1, description="requests waiting per model")
     deadline_ms: float = Field(default=1000.0, gt=0, description="ms the primary has per request")
     circuit_failures: int = Field(default=5, ge=1, description="failures that open the circuit")
@@ -94,7 +98,11 @@ class AgentSettings(BaseSettings):
 
     def runner_config(self) -> RunnerConfig:
         return RunnerConfig(
-            max_delay_us=self.max_delay_us, max_queue=self.max_queue, drain_timeout=self.drain_s
+            max_delay_us=self.max_delay_us,
+            max_queue=self.max_queue,
+            drain_timeout=self.drain_s,
+            workers=self.workers,
+            inline_below_us=self.inline_below_us,
         )
 
     def serving_config(self) -> ServingConfig:

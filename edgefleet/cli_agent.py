@@ -67,6 +67,9 @@ def _settings(**flags: Any) -> AgentSettings:
 )
 @click.option("--token", help="Require 'Authorization: Bearer TOKEN' on every call but health.")
 @click.option("--threads", type=int, help="Runtime threads per inference [default: 1].")
+@click.option(
+    "--workers", type=int, help="Batches of one model run at once (one per core) [default: 1]."
+)
 @click.option("--max-delay-us", type=int, help="µs a batch may wait to fill [default: 0].")
 @click.option("--max-queue", type=int, help="Requests waiting per model before 503 [default: 256].")
 @click.option(

@@ -185,3 +185,69 @@ async def test_output_without_a_row_per_input_is_run_per_request() -> None:
     results = await asyncio.gather(first.future, a.future, b.future)
     assert [float(r["total"]) for r in results] == [3.0, 6.0, 9.0]
     batcher.close()
+
+
+async def test_fast_idle_model_runs_on_the_callers_thread_unless_disabled() -> None:
+    threads: list[int] = []
+
+    def fast(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        threads.append(threading.get_ident())
+        return {"y": inputs["x"] + 1}
+
+    batcher = Batcher("fast", fast, BatcherConfig(inline_below_us=10_000))
+    assert batcher.run_inline({"x": _x(1)}, 1) is None  # speed unknown: goes to the worker
+    await batcher.submit({"x": _x(1)}, 1).future
+    out = batcher.run_inline({"x": _x(2)}, 1)
+    assert out is not None
+    np.testing.assert_array_equal(out["y"], _x(3))
+    assert threads[-1] == threading.get_ident() != threads[0]
+    assert batcher.stats.execution_count == 2 and batcher.stats.success_count == 2
+    batcher.close()
+    never = Batcher("never", fast, BatcherConfig(inline_below_us=0))
+    await never.submit({"x": _x(1)}, 1).future
+    assert never.run_inline({"x": _x(1)}, 1) is None
+    never.close()
+
+
+async def test_inline_failure_is_the_requests_error() -> None:
+    model = RecordingModel()
+    batcher = Batcher("m", model.run, BatcherConfig(inline_below_us=1_000_000))
+    await batcher.submit({"x": _x(1)}, 1).future
+    with pytest.raises(InferenceError, match="negative input"):
+        batcher.run_inline({"x": _x(-1)}, 1)
+    assert batcher.stats.fail_count == 1
+    batcher.close()
+
+
+async def test_busy_worker_means_no_inline_run() -> None:
+    model = RecordingModel()
+    batcher = Batcher("m", model.run, BatcherConfig(inline_below_us=1_000_000))
+    await batcher.submit({"x": _x(1)}, 1).future
+    model.gate.clear()
+    model.entered.clear()
+    busy = batcher.submit({"x": _x(2)}, 1)
+    await asyncio.to_thread(model.entered.wait, 5)
+    assert batcher.run_inline({"x": _x(3)}, 1) is None  # the worker is computing
+    model.gate.set()
+    await busy.future
+    batcher.close()
+
+
+async def test_several_workers_run_batches_of_one_model_at_once() -> None:
+    model = RecordingModel()
+    inside = threading.Semaphore(0)
+    both = threading.Event()
+
+    def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inside.release()
+        both.wait(5)
+        return model.run(inputs)
+
+    batcher = Batcher("m", run, BatcherConfig(workers=2, inline_below_us=0))
+    a = batcher.submit({"x": _x(1)}, 1)
+    b = batcher.submit({"x": _x(2)}, 1)
+    for _ in range(2):
+        assert await asyncio.to_thread(inside.acquire, True, 5)  # two calls in flight together
+    both.set()
+    await asyncio.gather(a.future, b.future)
+    batcher.close()

@@ -158,3 +158,14 @@ async def test_incompatible_fallback_is_named() -> None:
     outputs = (TensorSpec(name="z", datatype="FP32", shape=(-1,)),)
     with pytest.raises(ModelLoadError, match="does not produce output 'z'"):
         check_fallback_compatible(fallback.manifest.inputs, outputs, fallback)
+
+
+async def test_without_fallback_there_is_no_circuit_to_turn_requests_away() -> None:
+    primary = FakeSession(fail=True)
+    served = _served(primary, failures=1)
+    for _ in range(3):
+        with pytest.raises(InferenceError):
+            await served.infer({"x": X}, 1)
+    assert primary.calls == 3
+    primary.fail = False
+    assert not (await served.infer({"x": X}, 1)).fallback
