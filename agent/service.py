@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -20,7 +22,14 @@ from agent.settings import AgentSettings
 from agent.store import InstalledModel, ModelStore
 from edgefleet import __version__
 
-__all__ = ["Agent", "AgentStatus", "ModelStatus", "SkippedDeviceStatus"]
+__all__ = [
+    "Agent",
+    "AgentStatus",
+    "ModelStatus",
+    "SkippedDeviceStatus",
+    "TrustReport",
+    "UpdateReport",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +53,33 @@ class ModelStatus(BaseModel):
     queue_depth: int
 
 
+class UpdateReport(BaseModel):
+    """How the last desired state ended: committed, refused (and why) or failed."""
+
+    seq: int | None
+    status: str
+    reason: str | None
+    detail: str
+    models: list[str]
+
+
+class TrustReport(BaseModel):
+    """Whether the device's trust metadata is fresh, and what became of its desired states."""
+
+    status: str
+    reason: str | None
+    last_applied_seq: int
+    last_refresh: datetime | None
+    last_outcome: UpdateReport | None
+
+
 class AgentStatus(BaseModel):
     agent_version: str
     ready: bool
     uptime_s: float
     state_dir: str
     models: list[ModelStatus]
+    trust: TrustReport | None = None  # None when the agent takes no signed updates
 
 
 class Agent:
@@ -64,6 +94,8 @@ class Agent:
         self.started = time.monotonic()
         self.store = ModelStore(settings.state_dir, keep_previous=settings.keep_previous)
         self._fallback: ModelRunner | None = None
+        # Set by whatever applies signed updates; the agent itself knows nothing of TUF.
+        self.trust_status: Callable[[], TrustReport] | None = None
 
     async def start(self) -> None:
         """Install the configured bundles, load every active model, then report ready."""
@@ -234,6 +266,7 @@ class Agent:
             uptime_s=round(time.monotonic() - self.started, 3),
             state_dir=str(self.settings.state_dir),
             models=models,
+            trust=self.trust_status() if self.trust_status is not None else None,
         )
 
     def _model_status(self, name: str, served: ServedModel) -> ModelStatus:

@@ -1,13 +1,15 @@
-"""Durable file operations: atomic replace, fsync of files and directories, digests."""
+"""Durable file operations of the store: appends, digests, tree removal; atomic replace and
+directory fsync come from :mod:`agent.files`."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
-import secrets
 import shutil
 from pathlib import Path
+
+from agent.files import TEMP_MARK, atomic_write, fsync_dir
 
 __all__ = [
     "TEMP_MARK",
@@ -18,38 +20,7 @@ __all__ = [
     "sha256_of",
 ]
 
-# Temporary siblings carry this mark so that recovery can find and remove the leftovers of a
-# write that never reached its rename.
-TEMP_MARK = ".tmp-"
 _CHUNK = 1 << 20  # bytes read at a time when hashing
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink inside ``path`` survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees either the old or the new bytes.
-
-    The temporary file lives in the same directory so the rename never crosses filesystems.
-    """
-    tmp = path.with_name(f"{path.name}{TEMP_MARK}{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
 
 
 def append_durable(path: Path, data: bytes) -> None:

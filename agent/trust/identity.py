@@ -8,10 +8,7 @@ created with mode 0600 from the first byte and never leaves the device.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from agent.files import atomic_write
 from agent.trust.errors import TrustError
 from protocol.director import check_device_id
 
@@ -82,7 +80,7 @@ def create_device_key(directory: Path) -> Path:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(files.key, pem, mode=0o600)
+    atomic_write(files.key, pem, mode=0o600)
     return files.key
 
 
@@ -194,11 +192,11 @@ def save_enrollment(
         )
     info = json.dumps({"device_id": device_id, "broker_url": broker_url}, indent=2).encode()
     # The certificate is written last: its presence is what marks the device as enrolled.
-    _write_atomic(files.ca_chain, ca_chain_pem, mode=0o644)
-    _write_atomic(files.trusted_root, trusted_root, mode=0o644)
-    _write_atomic(files.director_key, director_public_key_pem, mode=0o644)
-    _write_atomic(files.enrollment, info, mode=0o644)
-    _write_atomic(files.certificate, certificate_pem, mode=0o644)
+    atomic_write(files.ca_chain, ca_chain_pem, mode=0o644)
+    atomic_write(files.trusted_root, trusted_root, mode=0o644)
+    atomic_write(files.director_key, director_public_key_pem, mode=0o644)
+    atomic_write(files.enrollment, info, mode=0o644)
+    atomic_write(files.certificate, certificate_pem, mode=0o644)
     return files
 
 
@@ -226,25 +224,3 @@ def _load_chain(pem: bytes) -> list[x509.Certificate]:
             f"the CA chain from the fleet is not PEM certificates: {e}", reason="bad_enrollment"
         ) from e
     return chain
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Replace ``path`` with ``data``: readers see the old or the new bytes, never a mix, and the
-    file has ``mode`` from its creation (a key is never briefly world-readable)."""
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from agent.store._files import atomic_write
+from agent.files import atomic_write
 from agent.trust.errors import TrustError
 from protocol.director import DesiredState, DirectorError, check_device_id, verify_desired
 

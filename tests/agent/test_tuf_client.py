@@ -31,30 +31,10 @@ from tuf.api.metadata import (
 from agent.trust import ModelCatalogue, TrustError
 from agent.trust.download import download
 from fleet.trust import ImageRepository, generate_key, load_signer, trust_app
-from tests.fleet.test_repository import ASGI, Scope, make_keys, serve
+from tests.fleet.test_repository import Scope, make_keys, serve
+from tests.trust_support import Attacker
 
 MLP = "mlp-1.0.0.efb"
-
-
-class Attacker:
-    """Sits in front of the repository's app; serves what a test tells it to, records ranges."""
-
-    def __init__(self, app: ASGI) -> None:
-        self.app = app
-        self.responses: dict[str, Callable[[Scope], Response]] = {}
-        self.target_requests: list[str | None] = []  # the Range header of each bundle request
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            if scope["path"].startswith("/targets/"):
-                headers = dict(scope["headers"])
-                rng = headers.get(b"range")
-                self.target_requests.append(rng.decode() if rng else None)
-            make = self.responses.get(scope["path"])
-            if make is not None:
-                await make(scope)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 class World:
