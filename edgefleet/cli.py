@@ -24,6 +24,11 @@ class _LazyGroup(click.Group):
         "bundle": ("edgefleet.cli_bundle", "bundle", "Create, inspect and verify model bundles."),
         "demo": ("edgefleet.demo", "demo", "Build the demo bundles and serve them."),
         "export": ("edgefleet.cli_export", "export", "Export a trained model as a checked bundle."),
+        "fleet": (
+            "edgefleet.cli_fleet",
+            "fleet",
+            "Fleet trust: keys, publishing, device enrollment and revocation.",
+        ),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

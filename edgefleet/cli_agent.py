@@ -233,6 +233,43 @@ def infer_command(
         )
 
 
+@agent.command("enroll")
+@click.option("--fleet", "fleet_url", required=True, help="The fleet trust service's URL.")
+@click.option(
+    "--token", required=True, help="The one-time token from `edgefleet fleet enroll-token`."
+)
+@click.option("--device-id", required=True, help="This device's id; the token must be for it.")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help=f"Agent state [env EDGEFLEET_AGENT_STATE_DIR; default: {default_state_dir()}].",
+)
+@reported
+def enroll_command(fleet_url: str, token: str, device_id: str, state_dir: Path | None) -> None:
+    """Enroll this device with the fleet: make its key and get its certificate and trust.
+
+    \b
+    The device key (EC P-256, mode 0600) never leaves the device; the fleet returns the
+    certificate (CN = device id), the CA chain, the trusted TUF root, the director key and the
+    broker address, all kept under <state-dir>/trust/.
+
+    \b
+    Example:
+      edgefleet agent enroll --fleet http://fleet.example.com:8480 --device-id cam-0042 \\
+          --token eft_...
+    """
+    from agent.trust.enrollment import enroll_device
+
+    directory = state_dir or _settings().state_dir
+    files = enroll_device(fleet_url, token, device_id, directory)
+    click.echo(
+        f"enrolled {device_id}\n"
+        f"  key:         {files.key} (mode 0600, never leaves this device)\n"
+        f"  certificate: {files.certificate}\n"
+        f"  trust:       {files.directory}"
+    )
+
+
 def _random_inputs(client: AgentClient, model: str) -> dict[str, np.ndarray]:
     from protocol.manifest import TensorSpec
 

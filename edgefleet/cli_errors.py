@@ -10,6 +10,7 @@ import click
 
 from agent.errors import AgentError
 from exporters.errors import ExportError
+from fleet.errors import FleetError
 from protocol.errors import ProtocolError
 
 __all__ = ["reported"]
@@ -25,7 +26,7 @@ def reported(command: Callable[_P, _R]) -> Callable[_P, _R]:
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return command(*args, **kwargs)
-        except (ProtocolError, ExportError, AgentError) as e:
+        except (ProtocolError, ExportError, AgentError, FleetError) as e:
             click.echo(f"error: {e}", err=True)
             raise click.exceptions.Exit(1) from None
         except OSError as e:

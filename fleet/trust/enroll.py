@@ -171,13 +171,14 @@ def enroll(
 ) -> EnrollmentBundle:
     """Trade a token and a certificate request for an :class:`EnrollmentBundle`.
 
-    The request is checked before the token is used up, so a device that sent a bad request
-    can retry with the same token.
+    The token is used up only once the certificate exists, so a device whose request was bad,
+    or met a fleet-side failure, can retry with the same token. Redeeming is atomic: of two
+    racing uses one fails and its certificate is never handed out.
     """
     device_id = tokens.check(token)
     ca.validate_csr(csr_pem, device_id)
-    tokens.redeem(token)
     certificate = ca.issue(csr_pem, device_id)
+    tokens.redeem(token)
     return EnrollmentBundle(
         device_id=device_id,
         certificate_pem=certificate,

@@ -1,0 +1,645 @@
+"""``edgefleet fleet``: the operator's side of trust — keys, publishing, enrollment, revocation,
+and the trust service devices talk to."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit
+
+import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from pydantic import ValidationError
+from tuf.api.metadata import Metadata
+from tuf.api.serialization import DeserializationError
+
+from agent.files import atomic_write
+from edgefleet.cli_errors import reported
+from edgefleet.logs import configure_logging
+from fleet.errors import KeyFileError, TrustError
+from fleet.trust.ca import DeviceCA
+from fleet.trust.enroll import EnrollmentTokens
+from fleet.trust.enroll_http import (
+    director_public_pem,
+    fleet_trust_app,
+    open_repository,
+    repository_lock,
+)
+from fleet.trust.keys import ONLINE_ROLES, ROLES, generate_key, public_key
+from fleet.trust.repository import ImageRepository
+from fleet.trust.settings import FleetTrustSettings, default_fleet_home
+from protocol.director import check_device_id, director_keyid
+
+__all__ = ["fleet"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+OFFLINE_ROLES = tuple(r for r in ROLES if r not in ONLINE_ROLES)
+FLEET_CLIENT_NAME = "edgefleet-fleet"  # the fleet service's CN at the broker (packaging/mosquitto)
+# Why each key matters, printed by `keys init` and `keys show`.
+_PROTECTS = {
+    "root": "names every other key; whoever holds it can replace them all",
+    "targets": "signs the catalogue of bundles; whoever holds it can publish any model",
+    "snapshot": "signs which catalogue version is current (re-signed on every publish)",
+    "timestamp": "signs freshness (renewed by the trust service before it expires)",
+    "director": "signs each device's desired state (which models it runs)",
+    "device CA": "issues device certificates; whoever holds it can impersonate any device",
+}
+
+
+def _settings(ctx: click.Context, **flags: Any) -> FleetTrustSettings:
+    """Flags win over EDGEFLEET_FLEET_* variables; ``--home`` comes from the group."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    home = ctx.find_root().meta.get("edgefleet.fleet.home")
+    if home is not None:
+        given["home"] = home
+    try:
+        return FleetTrustSettings(**given)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise click.UsageError(f"invalid fleet settings: {problems}") from None
+
+
+@click.group()
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    help=f"Keys, repository and CA [env EDGEFLEET_FLEET_HOME; default: {default_fleet_home()}].",
+)
+@click.pass_context
+def fleet(ctx: click.Context, home: Path | None) -> None:
+    """Manage the fleet's trust: keys, published bundles, device enrollment and revocation.
+
+    \b
+    First time:
+      edgefleet fleet keys init                  create keys, repository and device CA
+      edgefleet fleet publish digits-1.0.0.efb --targets-key /media/offline/targets.pem
+      edgefleet fleet trust serve                serve metadata, bundles and enrollment
+      edgefleet fleet enroll-token cam-0042      a one-time token for a new device
+
+    See docs/trust.md for what each key protects and how to rotate it.
+    """
+    if home is not None:
+        ctx.find_root().meta["edgefleet.fleet.home"] = home
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+@fleet.group("keys")
+def keys() -> None:
+    """Create, inspect and rotate the fleet's signing keys."""
+
+
+@keys.command("init")
+@click.option(
+    "--broker-host",
+    help="Host name devices use for the broker; goes into its certificate "
+    "[default: the host of EDGEFLEET_FLEET_BROKER_URL].",
+)
+@click.pass_context
+@reported
+def keys_init(ctx: click.Context, broker_host: str | None) -> None:
+    """Create every key, the TUF image repository and the device CA.
+
+    \b
+    Root and targets keys are OFFLINE keys: move them off this host right after, and bring
+    them back only to publish (targets) or to rotate keys (root). Snapshot, timestamp and
+    director keys and the device CA stay ONLINE: the trust service signs with them by itself.
+
+    \b
+    Examples:
+      edgefleet fleet keys init
+      edgefleet fleet --home /srv/edgefleet keys init --broker-host mqtt.example.com
+      EDGEFLEET_FLEET_HOME=/srv/edgefleet edgefleet fleet keys init
+    """
+    settings = _settings(ctx)
+    host = broker_host or urlsplit(settings.broker_url).hostname or "localhost"
+    existing = [
+        p
+        for p in (
+            *(settings.key_path(r) for r in ROLES),
+            settings.director_key,
+            settings.repository_dir / "metadata",
+            settings.ca_dir / "ca.key",
+        )
+        if p.exists()
+    ]
+    try:
+        check_device_id(host)  # the CA's rule for names in certificates
+    except ValueError:
+        raise click.BadParameter(
+            f"{host!r} cannot name the broker in its certificate: use a host name or address of "
+            "letters, digits, '.', '_' or '-'",
+            param_hint="--broker-host",
+        ) from None
+    if existing:
+        raise TrustError(
+            f"{settings.home} is already initialised ({existing[0]} exists); keys are never "
+            "replaced by init — rotate them with `edgefleet fleet keys rotate`, or choose "
+            "another --home",
+            reason="exists",
+        )
+    settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for role in ROLES:
+        generate_key(settings.key_path(role))
+    generate_key(settings.director_key)
+    ImageRepository.create(settings.repository_dir, {r: [settings.key_path(r)] for r in ROLES})
+    ca = DeviceCA.create(settings.ca_dir)
+    EnrollmentTokens(settings.tokens_db)
+    settings.broker_dir.mkdir(parents=True, exist_ok=True)
+    _write(settings.broker_dir / "ca.pem", ca.chain_pem(), mode=0o644)
+    _write(settings.crl_path, ca.crl_pem(), mode=0o644)
+    ca.issue_server(host, settings.broker_dir / "broker.key", settings.broker_dir / "broker.pem")
+    ca.issue_client(
+        FLEET_CLIENT_NAME, settings.client_dir / "fleet.key", settings.client_dir / "fleet.pem"
+    )
+
+    out = click.echo
+    out(f"initialised {settings.home}\n")
+    out("OFFLINE keys — move these off this host now:")
+    for role in OFFLINE_ROLES:
+        out(f"  {settings.key_path(role)}\n      {role}: {_PROTECTS[role]}")
+    out(
+        "  Copy them to two pieces of offline storage (an encrypted USB stick in a safe, a\n"
+        "  hardware token), check the copies, then delete them here, e.g.\n"
+        f"      shred -u {' '.join(str(settings.key_path(r)) for r in OFFLINE_ROLES)}\n"
+        "  Bring the targets key back only to publish (`fleet publish --targets-key`), the root\n"
+        "  key only to rotate keys (`fleet keys rotate --root-key`). Nothing online needs them.\n"
+    )
+    out("ONLINE keys — stay on this host, readable only by the trust service:")
+    for role in ONLINE_ROLES:
+        out(f"  {settings.key_path(role)}\n      {role}: {_PROTECTS[role]}")
+    out(f"  {settings.director_key}\n      director: {_PROTECTS['director']}")
+    out(f"  {settings.ca_dir / 'ca.key'}\n      device CA: {_PROTECTS['device CA']}\n")
+    out("For the broker (see packaging/mosquitto/README.md):")
+    out(f"  {settings.broker_dir}/ca.pem, crl.pem, broker.pem, broker.key (for host {host})")
+    out(f"  {settings.client_dir}/fleet.pem, fleet.key: the fleet service's own MQTT identity\n")
+    out("Next: edgefleet fleet keys show; edgefleet fleet trust serve")
+
+
+@keys.command("show")
+@click.option(
+    "--key-dir",
+    "key_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Also look for key files here (e.g. the mounted offline storage); repeatable.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+@reported
+def keys_show(ctx: click.Context, key_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """Show every key: role, key ids, threshold, expiry, online or offline, and its file.
+
+    \b
+    An offline key found on this host is flagged: it should not be here.
+
+    \b
+    Examples:
+      edgefleet fleet keys show
+      edgefleet fleet keys show --key-dir /media/offline
+      edgefleet fleet keys show --json
+    """
+    settings = _settings(ctx)
+    rows = _key_rows(settings, (settings.keys_dir, *key_dirs))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        version = f"  version {row['version']}" if row.get("version") else ""
+        click.echo(
+            f"{row['role']}  [{'ONLINE' if row['online'] else 'OFFLINE'}]  threshold "
+            f"{row['threshold']}  expires {row['expires']}{version}"
+        )
+        click.echo(f"    {_PROTECTS[str(row['role'])]}")
+        for key in row["keys"]:
+            where = key["file"] or "not on this host"
+            warn = "  <- offline key on this host: move it off" if key.get("exposed") else ""
+            click.echo(f"    key {key['keyid']}  file: {where}{warn}")
+
+
+def _key_files(dirs: Sequence[Path]) -> dict[str, Path]:
+    """Key id -> file, for every readable Ed25519 key file in ``dirs``."""
+    found: dict[str, Path] = {}
+    for folder in dirs:
+        for path in sorted(folder.glob("*.pem")) if folder.is_dir() else ():
+            try:
+                found.setdefault(public_key(path).keyid, path)
+            except KeyFileError:
+                continue  # not a repository key (a certificate, an EC key)
+    return found
+
+
+def _key_rows(settings: FleetTrustSettings, dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    metadata = settings.repository_dir / "metadata"
+    root = _metadata(metadata / "root.json")
+    files = _key_files(dirs)
+    rows: list[dict[str, Any]] = []
+    for role in ROLES:
+        md = root if role == "root" else _metadata(metadata / f"{role}.json")
+        spec = root.signed.roles[role]
+        online = role in ONLINE_ROLES
+        rows.append(
+            {
+                "role": role,
+                "online": online,
+                "threshold": f"{spec.threshold} of {len(spec.keyids)}",
+                "expires": md.signed.expires.isoformat(),
+                "version": md.signed.version,
+                "keys": [
+                    {
+                        "keyid": keyid,
+                        "file": str(files[keyid]) if keyid in files else None,
+                        # Only the host's own key folder counts: --key-dir is the offline media.
+                        "exposed": not online
+                        and keyid in files
+                        and files[keyid].parent == settings.keys_dir,
+                    }
+                    for keyid in spec.keyids
+                ],
+            }
+        )
+    director = load_pem_public_key(director_public_pem(settings.director_key))
+    assert isinstance(director, Ed25519PublicKey)  # director_public_pem checked it
+    rows.append(
+        {
+            "role": "director",
+            "online": True,
+            "threshold": "1 of 1",
+            "expires": "never (rotation re-enrolls devices)",
+            "keys": [
+                {
+                    "keyid": director_keyid(director),
+                    "file": str(settings.director_key),
+                }
+            ],
+        }
+    )
+    ca = DeviceCA.open(settings.ca_dir)
+    rows.append(
+        {
+            "role": "device CA",
+            "online": True,
+            "threshold": "1 of 1",
+            "expires": ca.certificate.not_valid_after_utc.isoformat(),
+            "keys": [
+                {
+                    "keyid": ca.certificate.subject.rfc4514_string(),
+                    "file": str(settings.ca_dir / "ca.key"),
+                }
+            ],
+        }
+    )
+    return rows
+
+
+def _metadata(path: Path) -> Metadata[Any]:
+    try:
+        return Metadata.from_bytes(path.read_bytes())
+    except FileNotFoundError:
+        raise TrustError(
+            f"{path} does not exist: no image repository here; run `edgefleet fleet keys init` "
+            "or pass the right --home",
+            reason="missing",
+        ) from None
+    except (OSError, DeserializationError) as e:
+        raise TrustError(f"cannot read {path}: {e}", reason="invalid_metadata") from e
+
+
+@keys.command("rotate")
+@click.option(
+    "--role",
+    type=click.Choice(["root"]),
+    default="root",
+    show_default=True,
+    help="The role whose keys to replace. Only root: the image repository cannot rotate "
+    "targets, snapshot or timestamp keys yet (docs/trust.md says what to do instead).",
+)
+@click.option(
+    "--new-key",
+    "new_keys",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A new root key file; created (Ed25519, mode 0600) if it does not exist. Repeatable.",
+)
+@click.option(
+    "--root-key",
+    "root_keys",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="A current root key file, to sign the handover; repeatable up to the threshold "
+    "[default: keys/root.pem in --home, if it is still there].",
+)
+@click.option(
+    "--threshold",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Signatures of the new root keys needed from now on.",
+)
+@click.pass_context
+@reported
+def keys_rotate(
+    ctx: click.Context,
+    role: str,
+    new_keys: tuple[Path, ...],
+    root_keys: tuple[Path, ...],
+    threshold: int,
+) -> None:
+    """Replace the root keys with a new root version signed by the old and the new keys.
+
+    \b
+    Devices holding the old root follow the chain to the new one at their next refresh;
+    the old root keys are revoked (what they sign afterwards is refused). Rotate when a root
+    key may be compromised, when a key holder leaves, or on a schedule. Rotating to the same
+    key (--new-key and --root-key the same file) renews the root's expiry.
+
+    \b
+    Examples:
+      edgefleet fleet keys rotate --new-key /media/offline/root-2025.pem \\
+          --root-key /media/offline/root.pem
+      edgefleet fleet keys rotate --new-key /media/a/root-a.pem --new-key /media/b/root-b.pem \\
+          --threshold 2 --root-key /media/offline/root.pem
+    """
+    settings = _settings(ctx)
+    signing = list(root_keys)
+    if not signing:
+        default = settings.key_path("root")
+        if not default.exists():
+            raise click.UsageError(
+                f"{default} is not on this host (it belongs offline); pass the current root "
+                "key with --root-key PATH"
+            )
+        signing = [default]
+    created = [path for path in new_keys if not path.exists()]
+    for path in created:
+        generate_key(path)
+    with repository_lock(settings):
+        repository = open_repository(settings)
+        version = repository.rotate_root(list(new_keys), signing, threshold=threshold)
+    for path in created:
+        click.echo(f"created {path} (Ed25519, mode 0600)")
+    click.echo(
+        f"{role} keys rotated: root version {version}, threshold {threshold} of {len(new_keys)}\n"
+        "Devices follow the new root at their next catalogue refresh; devices enrolled from now\n"
+        "on receive it directly. Keep the new key(s) offline."
+    )
+    kept = {public_key(p).keyid for p in new_keys}
+    retired = [p for p in signing if public_key(p).keyid not in kept]
+    if retired:
+        click.echo(
+            "These root keys are revoked; destroy them once every device has refreshed:\n"
+            + "\n".join(f"  {p}" for p in retired)
+        )
+    else:
+        click.echo("The root keys are unchanged: this renewed the root's expiry.")
+    click.echo("Check: edgefleet fleet keys show")
+
+
+# -- publishing, enrollment, revocation --------------------------------------------------------
+
+
+@fleet.command("publish")
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--targets-key",
+    "targets_keys",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A targets key file (offline); repeat to reach the targets threshold.",
+)
+@click.pass_context
+@reported
+def publish(ctx: click.Context, bundle: Path, targets_keys: tuple[Path, ...]) -> None:
+    """Verify a bundle and publish it in the signed catalogue devices install from.
+
+    \b
+    Versions are immutable: publishing the same bytes again changes nothing, other bytes
+    under a published name and version are refused.
+
+    \b
+    Examples:
+      edgefleet fleet publish digits-1.0.0.efb --targets-key /media/offline/targets.pem
+      edgefleet fleet publish resnet-2.0.0.efb --targets-key /media/a/t1.pem \\
+          --targets-key /media/b/t2.pem
+    """
+    settings = _settings(ctx)
+    with repository_lock(settings):
+        info = open_repository(settings).add_bundle(bundle, list(targets_keys))
+    release = info.custom.get("release", "?")
+    click.echo(
+        f"published {info.path}  release {release}  {info.length} bytes  sha256 {info.sha256}\n"
+        "Devices see it at their next catalogue refresh."
+    )
+
+
+def _duration(text: str) -> timedelta:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if match is None:
+        raise click.BadParameter(
+            f"{text!r} is not a duration; use a number and a unit: 90s, 30m, 24h, 7d",
+            param_hint="--ttl",
+        )
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+    return timedelta(**{unit: float(match.group(1))})
+
+
+@fleet.command("enroll-token")
+@click.argument("device_id")
+@click.option("--ttl", default="24h", show_default=True, help="How long the token works: 30m, 7d.")
+@click.pass_context
+@reported
+def enroll_token(ctx: click.Context, device_id: str, ttl: str) -> None:
+    """Make a one-time enrollment token for DEVICE_ID (printed alone on stdout).
+
+    \b
+    The token works once, expires after --ttl, and replaces any unused token for the same
+    device. Hand it to the device over a channel you trust; the database keeps only its hash.
+
+    \b
+    Examples:
+      edgefleet fleet enroll-token cam-0042
+      edgefleet fleet enroll-token cam-0042 --ttl 30m
+      TOKEN=$(edgefleet fleet enroll-token cam-0042)
+    """
+    settings = _settings(ctx)
+    lifetime = _duration(ttl)
+    if not (settings.repository_dir / "metadata").is_dir():
+        raise TrustError(
+            f"{settings.home} is not initialised; run `edgefleet fleet keys init` first",
+            reason="missing",
+        )
+    token = EnrollmentTokens(settings.tokens_db).create(device_id, lifetime)
+    click.echo(token)
+    expires = (datetime.now().astimezone() + lifetime).isoformat(timespec="seconds")
+    click.echo(
+        f"one-time token for {device_id}, valid until {expires}. On the device run:\n"
+        f"  edgefleet agent enroll --fleet {settings.public_url} --device-id {device_id} "
+        "--token <the token>",
+        err=True,
+    )
+
+
+@fleet.command("revoke")
+@click.argument("device_id")
+@click.option(
+    "--crl-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where to write the new CRL [default: <home>/broker/crl.pem].",
+)
+@click.pass_context
+@reported
+def revoke(ctx: click.Context, device_id: str, crl_out: Path | None) -> None:
+    """Revoke DEVICE_ID's certificates and write the new certificate revocation list.
+
+    \b
+    The broker refuses a revoked device only once it has loaded the new CRL: copy it to the
+    broker and reload (the command prints how).
+
+    \b
+    Examples:
+      edgefleet fleet revoke cam-0042
+      edgefleet fleet revoke cam-0042 --crl-out /etc/mosquitto/edgefleet/crl.pem
+    """
+    settings = _settings(ctx)
+    ca = DeviceCA.open(settings.ca_dir)
+    ca.revoke(device_id)
+    path = crl_out or settings.crl_path
+    _write(path, ca.crl_pem(), mode=0o644)
+    click.echo(
+        f"revoked {device_id}; wrote {path}\n"
+        "Now copy it to the broker and reload it, e.g.\n"
+        f"  scp {path} broker:/etc/mosquitto/edgefleet/crl.pem\n"
+        "  ssh broker systemctl reload mosquitto\n"
+        "New connections with the revoked certificate are refused after the reload; an open\n"
+        "connection stays until it drops: `systemctl restart mosquitto` cuts it off at once.\n"
+        "The CRL is valid for 30 days: write and copy it again before then "
+        "(any `fleet revoke` rewrites it)."
+    )
+
+
+@fleet.command("crl")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where to write the CRL [default: <home>/broker/crl.pem].",
+)
+@click.pass_context
+@reported
+def crl(ctx: click.Context, out: Path | None) -> None:
+    """Write a freshly signed certificate revocation list (valid for 30 days).
+
+    \b
+    The broker refuses every client once its CRL expires: run this (or any `fleet revoke`)
+    at least every few weeks, e.g. from a weekly timer, and copy the file to the broker.
+
+    \b
+    Examples:
+      edgefleet fleet crl
+      edgefleet fleet crl --out /etc/mosquitto/edgefleet/crl.pem && systemctl reload mosquitto
+    """
+    settings = _settings(ctx)
+    path = out or settings.crl_path
+    _write(path, DeviceCA.open(settings.ca_dir).crl_pem(), mode=0o644)
+    click.echo(f"wrote {path}; copy it to the broker and reload it (systemctl reload mosquitto)")
+
+
+# -- the trust service -------------------------------------------------------------------------
+
+
+@fleet.group("trust")
+def trust() -> None:
+    """Run the trust service devices talk to (TUF metadata, bundles, enrollment)."""
+
+
+@trust.command("serve")
+@click.option("--host", help="Address to listen on [default: 127.0.0.1].")
+@click.option("--port", type=int, help="Port; 0 picks a free one [default: 8480].")
+@click.option("--public-url", help="The URL devices use [default: http://<host>:<port>].")
+@click.option(
+    "--broker-url", help="The broker devices connect to [default: mqtts://127.0.0.1:8883]."
+)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.pass_context
+@reported
+def trust_serve(ctx: click.Context, /, log_format: str, log_level: str, **flags: Any) -> None:
+    """Serve TUF metadata and bundles (with Range) and POST /enroll; renew the timestamp.
+
+    \b
+    Every flag can also be set with a variable: --port is EDGEFLEET_FLEET_PORT, and so on.
+    Put TLS in front (a reverse proxy) when devices reach it over an untrusted network.
+
+    \b
+    Examples:
+      edgefleet fleet trust serve
+      edgefleet fleet trust serve --host 0.0.0.0 --public-url https://fleet.example.com \\
+          --broker-url mqtts://mqtt.example.com:8883
+    """
+    import uvicorn
+
+    settings = _settings(ctx, **flags)
+    configure_logging(log_level, log_format)
+    sock = _bind(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    if settings.port == 0 and not flags.get("public_url"):
+        # The derived URL named port 0; devices need the port actually bound.
+        settings = _settings(ctx, **{**flags, "port": port})
+    try:
+        app = fleet_trust_app(settings)
+    except BaseException:
+        sock.close()
+        raise
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    click.echo(
+        f"edgefleet fleet trust service on {settings.host}:{port}\n"
+        f"  URL:    {settings.public_url}\n"
+        f"  enroll: edgefleet agent enroll --fleet {settings.public_url} --device-id ID "
+        "--token TOKEN",
+        err=True,
+    )
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(1)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise TrustError(
+            f"cannot listen on {host}:{port}: {e.strerror}; pick another --port",
+            reason="bind",
+        ) from e
+    return sock
+
+
+def _write(path: Path, data: bytes, *, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data, mode=mode)
