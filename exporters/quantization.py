@@ -28,6 +28,8 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from agent.errors import AgentError
+from agent.selftest import make_inputs
 from exporters.calibration import Samples
 from exporters.errors import ExportError, InvalidModelError
 from exporters.options import QuantizeOptions
@@ -94,18 +96,53 @@ def quantize(
         if options.method == "none":
             shutil.copyfile(onnx_path, result)
         else:
-            source = _preprocess(onnx_path, work) if options.preprocess else onnx_path
+            source = _without_initializer_inputs(model, onnx_path, work)
+            source = _preprocess(source, work) if options.preprocess else source
             _run(source, result, options, calibration, model, onnx_path)
             _check_quantized(result, model, options, onnx_path)
-        load_onnx_session(result).close()
+        _smoke_test(result)
         os.replace(result, out)
     except InvalidModelError as e:
         raise ExportError(
             f"the {options.method} model of {onnx_path.name} does not load: {e}"
         ) from e
+    except AgentError as e:
+        raise ExportError(
+            f"the {options.method} model of {onnx_path.name} loads but fails on a test input: {e}"
+        ) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _smoke_test(path: Path) -> None:
+    """Load the result and run it once: a quantizer can write a model that loads but cannot run."""
+    session = load_onnx_session(path)
+    try:
+        session.run(make_inputs(session.inputs, batch=1))
+    finally:
+        session.close()
+
+
+def _without_initializer_inputs(model: onnx.ModelProto, path: Path, work: Path) -> Path:
+    """The model with its weights no longer listed as graph inputs (IR version 3 style).
+
+    ONNX Runtime's quantizer folds some such weights and leaves their names behind as inputs
+    nothing feeds, so the quantized model asks for them at run time. IR version 4 and later
+    let initializers stand alone, and the model computes the same.
+    """
+    initializers = {i.name for i in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in initializers]
+    if len(kept) == len(model.graph.input):
+        return path
+    normalized = onnx.ModelProto()
+    normalized.CopyFrom(model)
+    del normalized.graph.input[:]
+    normalized.graph.input.extend(kept)
+    normalized.ir_version = max(normalized.ir_version, 4)
+    target = work / "inputs-normalized.onnx"
+    onnx.save_model(normalized, str(target))
+    return target
 
 
 def _read(path: Path) -> onnx.ModelProto:

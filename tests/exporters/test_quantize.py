@@ -218,3 +218,49 @@ def test_static_int8_of_a_fixed_batch_model(tmp_path: Path) -> None:
     reference = mlp_reference(x, mlp_weights())["label"]
     labels = np.concatenate([run(out, {"input": x[i : i + 1]})["label"] for i in range(40)])
     assert float(np.mean(labels == reference)) >= 0.9
+
+
+@pytest.mark.parametrize("method", ["dynamic-int8", "static-int8"])
+def test_weights_listed_as_graph_inputs_quantize_into_a_model_that_runs(
+    tmp_path: Path, method: str
+) -> None:
+    """IR-3 files list every initializer as an input too; onnx's light models also build their
+    weights with ConstantOfShape, which the quantizer folds, leaving the shape behind as an
+    input nothing feeds unless the weights stop being inputs first."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([64, 10], dtype=np.int64), "w_shape")
+    nodes = [
+        helper.make_node(
+            "ConstantOfShape", ["w_shape"], ["w"],
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.02]),
+        ),
+        helper.make_node("MatMul", ["input", "w"], ["logits"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "legacy",
+        inputs=[
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 64]),
+            helper.make_tensor_value_info("w_shape", TensorProto.INT64, [2]),
+        ],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+        initializer=[shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=3)
+    legacy = tmp_path / "legacy.onnx"
+    onnx.save_model(model, str(legacy))
+    rows = np.random.default_rng(7).standard_normal((64, 64)).astype(np.float32)
+    spec = (TensorSpec(name="input", datatype="FP32", shape=(-1, 64)),)
+    out = quantize(
+        legacy,
+        tmp_path / "int8.onnx",
+        QuantizeOptions(method=method),  # type: ignore[arg-type]
+        Samples.from_arrays({"input": rows}, spec) if method == "static-int8" else None,
+    )
+    session = get_backend("onnxruntime").load(out, "CPU", RuntimeOptions())
+    assert [t.name for t in session.inputs] == ["input"]
+    logits = session.run({"input": rows})["logits"]
+    assert logits.shape == (64, 10)
+    assert np.isfinite(logits).all()
+    session.close()
