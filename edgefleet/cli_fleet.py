@@ -4,11 +4,12 @@ and the trust service devices talk to."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -53,6 +54,16 @@ _PROTECTS = {
     "director": "signs each device's desired state (which models it runs)",
     "device CA": "issues device certificates; whoever holds it can impersonate any device",
 }
+# What renews each role's metadata, printed by `keys show` when it is about to expire.
+_RENEW = {
+    "root": "edgefleet fleet keys rotate --role root --new-key ROOT_KEY --root-key ROOT_KEY "
+    "(the same key renews it)",
+    "targets": "edgefleet fleet keys resign-targets --targets-key TARGETS_KEY "
+    "(or publish a bundle)",
+    "snapshot": "edgefleet fleet trust serve (it renews snapshot and timestamp: is it running?)",
+    "timestamp": "edgefleet fleet trust serve (it renews snapshot and timestamp: is it running?)",
+}
+_WARN_OFFLINE_WITHIN = timedelta(days=14)  # people renew root and targets: give them notice
 
 
 def _settings(ctx: click.Context, **flags: Any) -> FleetTrustSettings:
@@ -115,8 +126,9 @@ def keys_init(ctx: click.Context, broker_host: str | None) -> None:
 
     \b
     Root and targets keys are OFFLINE keys: move them off this host right after, and bring
-    them back only to publish (targets) or to rotate keys (root). Snapshot, timestamp and
-    director keys and the device CA stay ONLINE: the trust service signs with them by itself.
+    them back only to publish or renew targets (targets) or to rotate keys (root). Snapshot,
+    timestamp and director keys and the device CA stay ONLINE: the trust service signs with
+    them by itself.
 
     \b
     Examples:
@@ -175,8 +187,9 @@ def keys_init(ctx: click.Context, broker_host: str | None) -> None:
         "  Copy them to two pieces of offline storage (an encrypted USB stick in a safe, a\n"
         "  hardware token), check the copies, then delete them here, e.g.\n"
         f"      shred -u {' '.join(str(settings.key_path(r)) for r in OFFLINE_ROLES)}\n"
-        "  Bring the targets key back only to publish (`fleet publish --targets-key`), the root\n"
-        "  key only to rotate keys (`fleet keys rotate --root-key`). Nothing online needs them.\n"
+        "  Bring the targets key back only to publish (`fleet publish --targets-key`) or renew\n"
+        "  targets (`fleet keys resign-targets`), the root key only to rotate keys\n"
+        "  (`fleet keys rotate --root-key`). Nothing online needs them.\n"
     )
     out("ONLINE keys — stay on this host, readable only by the trust service:")
     for role in ONLINE_ROLES:
@@ -204,7 +217,9 @@ def keys_show(ctx: click.Context, key_dirs: tuple[Path, ...], as_json: bool) -> 
     """Show every key: role, key ids, threshold, expiry, online or offline, and its file.
 
     \b
-    An offline key found on this host is flagged: it should not be here.
+    An offline key found on this host is flagged: it should not be here. Root or targets
+    metadata expiring within 14 days, and snapshot or timestamp metadata the trust service
+    should already have renewed, get a warning naming the command that renews them.
 
     \b
     Examples:
@@ -224,6 +239,8 @@ def keys_show(ctx: click.Context, key_dirs: tuple[Path, ...], as_json: bool) -> 
             f"{row['threshold']}  expires {row['expires']}{version}"
         )
         click.echo(f"    {_PROTECTS[str(row['role'])]}")
+        if row.get("warning"):
+            click.echo(f"    WARNING: {row['warning']}")
         for key in row["keys"]:
             where = key["file"] or "not on this host"
             warn = "  <- offline key on this host: move it off" if key.get("exposed") else ""
@@ -258,6 +275,7 @@ def _key_rows(settings: FleetTrustSettings, dirs: Sequence[Path]) -> list[dict[s
                 "threshold": f"{spec.threshold} of {len(spec.keyids)}",
                 "expires": md.signed.expires.isoformat(),
                 "version": md.signed.version,
+                "warning": _expiry_warning(settings, role, md.signed.expires),
                 "keys": [
                     {
                         "keyid": keyid,
@@ -305,6 +323,29 @@ def _key_rows(settings: FleetTrustSettings, dirs: Sequence[Path]) -> list[dict[s
     return rows
 
 
+def _expiry_warning(settings: FleetTrustSettings, role: str, expires: datetime) -> str | None:
+    """A warning when ``role``'s metadata expires soon, naming what renews it; else None.
+
+    Snapshot and timestamp always expire within days (7 and 1 by default) and the trust
+    service renews them; they only warn once inside its renewal window, when it is overdue.
+    """
+    left = expires - datetime.now(timezone.utc)
+    within = (
+        timedelta(hours=settings.timestamp_renew_within_h)
+        if role in ONLINE_ROLES
+        else _WARN_OFFLINE_WITHIN
+    )
+    if left > within:
+        return None
+    hours = int(left.total_seconds() // 3600)
+    when = (
+        "EXPIRED: devices refuse it"
+        if left <= timedelta(0)
+        else f"expires in {hours // 24} days {hours % 24} hours"
+    )
+    return f"{role} metadata {when}; renew it: {_RENEW[role]}"
+
+
 def _metadata(path: Path) -> Metadata[Any]:
     try:
         return Metadata.from_bytes(path.read_bytes())
@@ -321,34 +362,33 @@ def _metadata(path: Path) -> Metadata[Any]:
 @keys.command("rotate")
 @click.option(
     "--role",
-    type=click.Choice(["root"]),
+    type=click.Choice(ROLES),
     default="root",
     show_default=True,
-    help="The role whose keys to replace. Only root: the image repository cannot rotate "
-    "targets, snapshot or timestamp keys yet (docs/trust.md says what to do instead).",
+    help="The role whose keys to replace.",
 )
 @click.option(
     "--new-key",
     "new_keys",
     multiple=True,
-    required=True,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="A new root key file; created (Ed25519, mode 0600) if it does not exist. Repeatable.",
+    help="A new root or targets key file; created (Ed25519, mode 0600) if it does not exist. "
+    "Repeatable. Not for snapshot or timestamp: their new key is created in keys/.",
 )
 @click.option(
     "--root-key",
     "root_keys",
     multiple=True,
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="A current root key file, to sign the handover; repeatable up to the threshold "
-    "[default: keys/root.pem in --home, if it is still there].",
+    help="A current root key file, to sign the new root version; repeatable up to the "
+    "threshold [default: keys/root.pem in --home, if it is still there].",
 )
 @click.option(
     "--threshold",
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Signatures of the new root keys needed from now on.",
+    help="Signatures of the new keys the role needs from now on (root and targets only).",
 )
 @click.pass_context
 @reported
@@ -359,13 +399,20 @@ def keys_rotate(
     root_keys: tuple[Path, ...],
     threshold: int,
 ) -> None:
-    """Replace the root keys with a new root version signed by the old and the new keys.
+    """Replace the keys of one role with a new root version signed by the root keys.
 
     \b
-    Devices holding the old root follow the chain to the new one at their next refresh;
-    the old root keys are revoked (what they sign afterwards is refused). Rotate when a root
-    key may be compromised, when a key holder leaves, or on a schedule. Rotating to the same
-    key (--new-key and --root-key the same file) renews the root's expiry.
+    --role root       new root keys; the new version is signed by the current and the new
+                      root keys. Rotating to the same key renews the root's expiry.
+    --role targets    new offline targets keys; the catalogue is re-signed with them. Publish
+                      with the new key from then on.
+    --role snapshot   the command creates the new online key and installs it as
+    --role timestamp  keys/<role>.pem; restart the trust service afterwards.
+
+    \b
+    The old keys are revoked: what they sign afterwards is refused. Devices holding an older
+    root follow the chain to the new one at their next refresh. Rotate when a key may be
+    compromised, when a key holder leaves, or on a schedule.
 
     \b
     Examples:
@@ -373,31 +420,89 @@ def keys_rotate(
           --root-key /media/offline/root.pem
       edgefleet fleet keys rotate --new-key /media/a/root-a.pem --new-key /media/b/root-b.pem \\
           --threshold 2 --root-key /media/offline/root.pem
+      edgefleet fleet keys rotate --role targets --new-key /media/offline/targets-2025.pem \\
+          --root-key /media/offline/root.pem
+      edgefleet fleet keys rotate --role timestamp --root-key /media/offline/root.pem
     """
     settings = _settings(ctx)
-    signing = list(root_keys)
-    if not signing:
-        default = settings.key_path("root")
-        if not default.exists():
-            raise click.UsageError(
-                f"{default} is not on this host (it belongs offline); pass the current root "
-                "key with --root-key PATH"
-            )
-        signing = [default]
-    created = [path for path in new_keys if not path.exists()]
+    online = role in ONLINE_ROLES
+    if online and new_keys:
+        raise click.UsageError(
+            f"--role {role} creates its new key itself (the trust service signs with "
+            f"{settings.key_path(role)}); leave out --new-key"
+        )
+    if online and threshold != 1:
+        raise click.UsageError(
+            f"--role {role} has one online key (the trust service signs with one key file); "
+            "leave out --threshold"
+        )
+    if not online and not new_keys:
+        raise click.UsageError(
+            f"--role {role} needs --new-key PATH: the new {role} key file, on offline storage "
+            "(created if it does not exist)"
+        )
+    signing = _current_root_keys(settings, root_keys)
+    # An online key is made next to the one it replaces and moved over it once the new root
+    # names it; a run cut short in between picks the same file up again.
+    staged = settings.keys_dir / f"{role}.next.pem"
+    keys = [staged] if online else list(new_keys)
+    created = [path for path in keys if not path.exists()]
     for path in created:
         generate_key(path)
+    kept = {public_key(p).keyid for p in keys}
     with repository_lock(settings):
-        repository = open_repository(settings)
-        version = repository.rotate_root(list(new_keys), signing, threshold=threshold)
-    for path in created:
+        before = _metadata(settings.repository_dir / "metadata" / "root.json").signed
+        retired = [k for k in before.roles[role].keyids if k not in kept]
+        if role == "root":
+            version = open_repository(settings).rotate_root(keys, signing, threshold=threshold)
+        elif online and not retired and kept == set(before.roles[role].keyids):
+            version = before.version  # already rotated; only the key file was left to move
+        else:
+            repository = open_repository(settings)
+            version = repository.rotate_role(role, keys, signing, threshold=threshold)
+        if online:
+            # The replaced key is revoked: nothing it signs verifies against the new root.
+            os.replace(staged, settings.key_path(role))
+            open_repository(settings)  # the trust service will open it with the new key
+    for path in created if not online else ():
         click.echo(f"created {path} (Ed25519, mode 0600)")
+    click.echo(f"{role} keys rotated: root version {version}, threshold {threshold} of {len(kept)}")
+    if role == "root":
+        _rotated_root(signing, kept)
+    elif role == "targets":
+        click.echo(
+            "The catalogue is re-signed with the new targets key(s); publish with them from now "
+            "on:\n  edgefleet fleet publish BUNDLE "
+            + " ".join(f"--targets-key {p}" for p in keys)
+            + "\nKeep the new key(s) offline. Revoked targets key ids (destroy those keys):\n"
+            + "\n".join(f"  {k}" for k in retired)
+        )
+    else:
+        click.echo(
+            f"The new {role} key is {settings.key_path(role)}; the old one is revoked and gone.\n"
+            "Restart the trust service (`edgefleet fleet trust serve`) now: a running one still "
+            f"holds the old key and cannot renew {role} metadata until it restarts."
+        )
+    click.echo("Devices follow the new root at their next catalogue refresh.")
+    click.echo("Check: edgefleet fleet keys show")
+
+
+def _current_root_keys(settings: FleetTrustSettings, given: Sequence[Path]) -> list[Path]:
+    if given:
+        return list(given)
+    default = settings.key_path("root")
+    if not default.exists():
+        raise click.UsageError(
+            f"{default} is not on this host (it belongs offline); pass the current root "
+            "key with --root-key PATH"
+        )
+    return [default]
+
+
+def _rotated_root(signing: Sequence[Path], kept: set[str]) -> None:
     click.echo(
-        f"{role} keys rotated: root version {version}, threshold {threshold} of {len(new_keys)}\n"
-        "Devices follow the new root at their next catalogue refresh; devices enrolled from now\n"
-        "on receive it directly. Keep the new key(s) offline."
+        "Devices enrolled from now on receive the new root directly. Keep the new key(s) offline."
     )
-    kept = {public_key(p).keyid for p in new_keys}
     retired = [p for p in signing if public_key(p).keyid not in kept]
     if retired:
         click.echo(
@@ -406,7 +511,48 @@ def keys_rotate(
         )
     else:
         click.echo("The root keys are unchanged: this renewed the root's expiry.")
-    click.echo("Check: edgefleet fleet keys show")
+
+
+@keys.command("resign-targets")
+@click.option(
+    "--targets-key",
+    "targets_keys",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A targets key file (offline); repeat to reach the targets threshold.",
+)
+@click.option(
+    "--expires-in",
+    help="How long the targets metadata stays valid: 90d, 2160h [default: the repository's "
+    "targets expiry, normally 90d].",
+)
+@click.pass_context
+@reported
+def keys_resign_targets(
+    ctx: click.Context, targets_keys: tuple[Path, ...], expires_in: str | None
+) -> None:
+    """Renew the targets metadata (a new version and expiry) without publishing a bundle.
+
+    \b
+    Devices refuse expired targets metadata. Every publish renews it; run this when no bundle
+    is published before it expires (`fleet keys show` warns 14 days ahead).
+
+    \b
+    Examples:
+      edgefleet fleet keys resign-targets --targets-key /media/offline/targets.pem
+      edgefleet fleet keys resign-targets --targets-key /media/offline/targets.pem \\
+          --expires-in 180d
+    """
+    settings = _settings(ctx)
+    lifetime = None if expires_in is None else _duration(expires_in, "--expires-in")
+    with repository_lock(settings):
+        version = open_repository(settings).resign_targets(list(targets_keys), expires_in=lifetime)
+    expires = _metadata(settings.repository_dir / "metadata" / "targets.json").signed.expires
+    click.echo(
+        f"targets metadata re-signed: version {version}, expires {expires.isoformat()}\n"
+        "Devices see it at their next catalogue refresh. Keep the targets key offline."
+    )
 
 
 # -- publishing, enrollment, revocation --------------------------------------------------------
@@ -447,12 +593,12 @@ def publish(ctx: click.Context, bundle: Path, targets_keys: tuple[Path, ...]) ->
     )
 
 
-def _duration(text: str) -> timedelta:
+def _duration(text: str, option: str = "--ttl") -> timedelta:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
     if match is None:
         raise click.BadParameter(
             f"{text!r} is not a duration; use a number and a unit: 90s, 30m, 24h, 7d",
-            param_hint="--ttl",
+            param_hint=option,
         )
     unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
     return timedelta(**{unit: float(match.group(1))})

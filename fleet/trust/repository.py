@@ -12,7 +12,9 @@ Layout (consistent snapshots on, so a client always reads one coherent repositor
 
 Every published bundle is a target whose ``custom`` holds name, version, runtime and a
 per-model release counter. Root and targets keys are passed in for each operation that needs
-them (they live offline); snapshot and timestamp keys are held by the open repository.
+them (they live offline); snapshot and timestamp keys are held by the open repository. Every
+role's keys can be replaced through a new root version (:meth:`ImageRepository.rotate_root`,
+:meth:`ImageRepository.rotate_role`).
 Files are written in the order a client reads them backwards (targets, snapshot, timestamp),
 each atomically, so a client never sees a half-published state.
 """
@@ -291,10 +293,8 @@ class ImageRepository:
             "release": max(releases, default=0) + 1,
         }
         targets_md.signed.targets[path] = target
-        targets_md.signed.version += 1
-        targets_md.signed.expires = _now() + self._expiry["targets"]
         # Signed (and the threshold checked) before any published file changes.
-        self._sign(targets_md, Targets.type, _signers("targets", targets_keys), root=root)
+        self._sign_targets(targets_md, _signers("targets", targets_keys), root)
         os.replace(staged, self.targets_dir / f"{target.hashes[_HASH]}.{path}")
         self._publish(targets_md, root)
         return _info(target)
@@ -317,7 +317,27 @@ class ImageRepository:
         self._publish_timestamp(timestamp_md, root)
         return True
 
-    # -- root --------------------------------------------------------------------------------
+    def resign_targets(
+        self, targets_keys: Sequence[Path], *, expires_in: timedelta | None = None
+    ) -> int:
+        """Re-sign targets as a new version that expires ``expires_in`` from now (default the
+        repository's targets expiry), then snapshot and timestamp; returns the targets version.
+
+        Every publish renews targets; this renews them when no bundle is published before they
+        expire. The next publish sets the expiry back to the repository's policy.
+        """
+        if expires_in is not None and expires_in <= timedelta(0):
+            raise RepositoryError(
+                f"targets cannot expire {expires_in} from now; give a positive duration",
+                reason="expiry",
+            )
+        root = self._load(Root).signed
+        targets_md = self._load(Targets)
+        self._sign_targets(targets_md, _signers("targets", targets_keys), root, expires_in)
+        self._publish(targets_md, root)
+        return targets_md.signed.version
+
+    # -- key rotation ------------------------------------------------------------------------
 
     def rotate_root(
         self, new_root_keys: Sequence[Path], signing_keys: Sequence[Path], *, threshold: int = 1
@@ -328,27 +348,70 @@ class ImageRepository:
         the new keys, so a client holding the old root can follow the chain. Old root keys that
         are not among the new ones are revoked: what they sign next is refused.
         """
-        if not 1 <= threshold <= len(new_root_keys):
-            raise RepositoryError(
-                f"threshold {threshold} needs between 1 and {len(new_root_keys)} new root keys",
-                reason="threshold",
-            )
-        current_md = self._load(Root)
-        previous = current_md.signed
-        # to_dict() shares the keyid lists with `previous`; a deep copy keeps it intact.
-        new_root = Root.from_dict(copy.deepcopy(previous.to_dict()))
-        for keyid in list(new_root.roles[Root.type].keyids):
-            new_root.revoke_key(keyid, Root.type)
-        for path in new_root_keys:
-            new_root.add_key(public_key(path), Root.type)
-        new_root.roles[Root.type].threshold = threshold
-        new_root.version = previous.version + 1
-        new_root.expires = _now() + self._expiry["root"]
+        previous = self._load(Root).signed
+        new_root = self._next_root(previous, Root.type, new_root_keys, threshold)
         md = Metadata(new_root)
         signers = _signers("root", signing_keys) + _signers("root", new_root_keys)
         self._sign(md, Root.type, signers, root=new_root, previous=previous)
         self._write_root(md)
         return new_root.version
+
+    def rotate_role(
+        self,
+        role: str,
+        new_keys: Sequence[Path],
+        root_keys: Sequence[Path],
+        *,
+        threshold: int = 1,
+        targets_keys: Sequence[Path] = (),
+    ) -> int:
+        """Replace the keys of ``role`` (targets, snapshot or timestamp) in a new root version.
+
+        The new root is signed by ``root_keys`` (enough current root keys). ``role``'s metadata
+        is re-signed by ``new_keys`` in a new version, with a snapshot and timestamp pointing at
+        it, so a client that follows the new root finds metadata the new keys signed; the old
+        keys are revoked. For snapshot or timestamp, ``new_keys`` become this repository's
+        online keys for the role, and :meth:`open` needs them from now on. ``targets_keys``
+        also renews targets in the same step (not for targets, which its new keys sign).
+        Returns the new root version.
+        """
+        if role not in (Targets.type, *ONLINE_ROLES):
+            raise RepositoryError(
+                f"cannot rotate role {role!r} here: rotate targets, snapshot or timestamp "
+                "(root rotates with rotate_root)",
+                reason="unknown_role",
+            )
+        if role == Targets.type and targets_keys:
+            raise RepositoryError(
+                "rotating targets re-signs them with the new targets keys; pass no current "
+                "targets keys",
+                reason="wrong_key",
+            )
+        previous = self._load(Root).signed
+        root = self._next_root(previous, role, new_keys, threshold)
+        root_md = Metadata(root)
+        self._sign(root_md, Root.type, _signers("root", root_keys), root=root, previous=previous)
+        data = root_md.to_bytes()
+        # Written first: a client follows the new root, then reads metadata its new keys signed.
+        writes = [(f"{root.version}.root.json", data), ("root.json", data)]
+        new_signers = _signers(role, new_keys)
+        saved = self._online
+        if role in ONLINE_ROLES:
+            self._online = {**saved, role: new_signers}
+        try:
+            if targets_keys or role == Targets.type:
+                signers = new_signers if role == Targets.type else _signers("targets", targets_keys)
+                targets_md = self._load(Targets)
+                self._sign_targets(targets_md, signers, root)
+                self._publish(targets_md, root, writes)
+            elif role == Snapshot.type:
+                self._publish_snapshot(self._load(Snapshot), root, writes)
+            else:
+                self._publish_timestamp(self._load(Timestamp), root, writes)
+        except BaseException:
+            self._online = saved  # nothing was written: the repository still has the old keys
+            raise
+        return root.version
 
     def root_bytes(self, version: int | None = None) -> bytes:
         """The bytes of a root version (default the latest): what enrollment hands a device."""
@@ -359,6 +422,50 @@ class ImageRepository:
             raise RepositoryError(f"root version {version} does not exist", reason="missing") from e
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _next_root(
+        self, previous: Root, role: str, new_keys: Sequence[Path], threshold: int
+    ) -> Root:
+        """``previous`` one version on, renewed, with ``role``'s keys replaced by ``new_keys``."""
+        if not new_keys:
+            raise RepositoryError(
+                f"no new {role} key given; pass the new {role} key file(s)", reason="missing_key"
+            )
+        added = {key.keyid: key for key in map(public_key, new_keys)}
+        if not 1 <= threshold <= len(added):
+            raise RepositoryError(
+                f"threshold {threshold} needs between 1 and {len(added)} new {role} keys",
+                reason="threshold",
+            )
+        for keyid in added:
+            holders = [r for r in ROLES if r != role and keyid in previous.roles[r].keyids]
+            if holders:
+                raise RepositoryError(
+                    f"a new {role} key is already a {holders[0]} key; give every role keys of "
+                    "its own, so that one stolen key never gives away two roles",
+                    reason="wrong_key",
+                )
+        # to_dict() shares the keyid lists with `previous`; a deep copy keeps it intact.
+        root = Root.from_dict(copy.deepcopy(previous.to_dict()))
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+        for key in added.values():
+            root.add_key(key, role)
+        root.roles[role].threshold = threshold
+        root.version = previous.version + 1
+        root.expires = _now() + self._expiry["root"]
+        return root
+
+    def _sign_targets(
+        self,
+        targets_md: Metadata[Targets],
+        signers: Sequence[Signer],
+        root: Root,
+        expires_in: timedelta | None = None,
+    ) -> None:
+        targets_md.signed.version += 1
+        targets_md.signed.expires = _now() + (expires_in or self._expiry["targets"])
+        self._sign(targets_md, Targets.type, signers, root=root)
 
     def _load(self, kind: type[S]) -> Metadata[S]:
         path = self.metadata_dir / f"{kind.type}.json"
@@ -420,7 +527,12 @@ class ImageRepository:
         _write_atomic(self.metadata_dir / f"{md.signed.version}.root.json", data)
         _write_atomic(self.metadata_dir / "root.json", data)
 
-    def _publish(self, targets_md: Metadata[Targets], root: Root) -> None:
+    def _publish(
+        self,
+        targets_md: Metadata[Targets],
+        root: Root,
+        writes: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         """Write a signed targets version, then a snapshot and timestamp that point at it."""
         data = targets_md.to_bytes()
         snapshot_md = self._load_or_first(Snapshot)
@@ -428,7 +540,8 @@ class ImageRepository:
             targets_md.signed.version, data, [_HASH]
         )
         # Everything is signed before anything is written: a refused signature changes nothing.
-        writes = [(f"{targets_md.signed.version}.targets.json", data), ("targets.json", data)]
+        version = targets_md.signed.version
+        writes = [*(writes or []), (f"{version}.targets.json", data), ("targets.json", data)]
         self._publish_snapshot(snapshot_md, root, writes)
 
     def _publish_snapshot(

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,10 @@ from agent.trust.enrollment import enroll_device, identity_dir, open_catalogue
 from agent.trust.identity import create_device_key, make_csr
 from agent.trust.state import TrustState
 from edgefleet.cli import cli
-from fleet.trust import ROLES, public_key, trust_app
+from fleet.trust import ROLES, generate_key, public_key, trust_app
 from fleet.trust.ca import DeviceCA
 from fleet.trust.enroll import EnrollmentTokens
-from fleet.trust.enroll_http import director_public_pem, fleet_trust_app
+from fleet.trust.enroll_http import director_public_pem, fleet_trust_app, open_repository
 from fleet.trust.settings import FleetTrustSettings
 from protocol.director import director_keyid
 from tests.fleet.test_repository import serve
@@ -300,7 +301,120 @@ def test_rotate_root_and_a_device_with_the_old_root_follows(
     root = _metadata(settings, "root.json").signed
     assert root.version == 3 and root.roles["root"].keyids == [public_key(new_key).keyid]
     help_text = run(settings.home, "keys", "rotate", "--help").output
-    assert "Only root" in help_text
+    assert "--role targets" in help_text and "restart the trust service" in help_text
+
+
+def test_rotate_targets_and_timestamp_and_a_device_follows(
+    settings: FleetTrustSettings, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    old_targets = str(settings.key_path("targets"))
+    first = run(settings.home, "publish", str(bundles["mlp-1"]), "--targets-key", old_targets)
+    assert first.exit_code == 0, first.output
+    old_root = (settings.repository_dir / "metadata" / "1.root.json").read_bytes()
+    new_targets = tmp_path / "usb" / "targets-2.pem"
+    old_timestamp = public_key(settings.key_path("timestamp")).keyid
+    for args, expected in [
+        (("--role", "timestamp", "--new-key", str(new_targets)), "leave out --new-key"),
+        (("--role", "snapshot", "--threshold", "2"), "leave out --threshold"),
+        (("--role", "targets",), "needs --new-key PATH"),
+    ]:  # fmt: skip
+        refused = run(settings.home, "keys", "rotate", *args)
+        assert refused.exit_code == 2 and expected in refused.output, refused.output
+    with serve(trust_app(settings.repository_dir)) as server:
+        device = ModelCatalogue(
+            tmp_path / "device", f"{server.url}/metadata", f"{server.url}/targets", old_root
+        )
+        try:
+            device.refresh()
+            rotated = run(
+                settings.home, "keys", "rotate", "--role", "targets", "--new-key", str(new_targets)
+            )
+            assert rotated.exit_code == 0, rotated.output
+            assert "root version 2" in rotated.output
+            assert f"--targets-key {new_targets}" in rotated.output
+            assert public_key(settings.key_path("targets")).keyid in rotated.output  # revoked
+            assert new_targets.stat().st_mode & 0o777 == 0o600
+            stale = run(
+                settings.home, "publish", str(bundles["mlp-2"]), "--targets-key", old_targets
+            )
+            assert stale.exit_code == 1 and "not one of the targets keys" in stale.output
+
+            rotated = run(settings.home, "keys", "rotate", "--role", "timestamp")
+            assert rotated.exit_code == 0, rotated.output
+            assert (
+                "root version 3" in rotated.output and "Restart the trust service" in rotated.output
+            )
+            timestamp = public_key(settings.key_path("timestamp")).keyid
+            root = _metadata(settings, "root.json").signed
+            assert root.roles["timestamp"].keyids == [timestamp] != [old_timestamp]
+            assert root.roles["targets"].keyids == [public_key(new_targets).keyid]
+            assert not (settings.keys_dir / "timestamp.next.pem").exists()
+            # The trust service opens the repository with keys/timestamp.pem: the new key.
+            assert open_repository(settings).refresh_timestamp(if_expiring_within=timedelta(days=2))
+            published = run(
+                settings.home, "publish", str(bundles["mlp-2"]), "--targets-key", str(new_targets)
+            )
+            assert published.exit_code == 0, published.output
+            device.refresh()
+            trusted = Metadata.from_bytes((tmp_path / "device" / "root.json").read_bytes())
+            assert trusted.signed.version == 3
+            assert device.target("mlp-2.0.0.efb").custom["release"] == 2
+        finally:
+            device.close()
+
+
+def test_rotate_snapshot_resumes_a_run_cut_short(settings: FleetTrustSettings) -> None:
+    # The new root already names keys/snapshot.next.pem, but the file was never moved.
+    staged = settings.keys_dir / "snapshot.next.pem"
+    generate_key(staged)
+    repository = open_repository(settings)
+    staged_keyid = public_key(staged).keyid
+    assert repository.rotate_role("snapshot", [staged], [settings.key_path("root")]) == 2
+    resumed = run(settings.home, "keys", "rotate", "--role", "snapshot")
+    assert resumed.exit_code == 0, resumed.output
+    assert "root version 2" in resumed.output  # no second rotation
+    assert _metadata(settings, "root.json").signed.roles["snapshot"].keyids == [staged_keyid]
+    assert public_key(settings.key_path("snapshot")).keyid == staged_keyid
+    assert not staged.exists()
+    assert open_repository(settings).refresh_timestamp(if_expiring_within=timedelta(days=8))
+
+
+def test_resign_targets_and_keys_show_warns_before_expiry(settings: FleetTrustSettings) -> None:
+    targets_key = str(settings.key_path("targets"))
+    soon = run(
+        settings.home, "keys", "resign-targets", "--targets-key", targets_key, "--expires-in", "3d"
+    )
+    assert soon.exit_code == 0, soon.output
+    assert "version 2" in soon.output
+    targets = _metadata(settings, "targets.json").signed
+    assert targets.version == 2 and targets.expires.isoformat() in soon.output
+    assert timedelta(days=2, hours=23) < targets.expires - datetime.now(timezone.utc)
+    assert _metadata(settings, "snapshot.json").signed.meta["targets.json"].version == 2
+
+    shown = run(settings.home, "keys", "show")
+    assert shown.exit_code == 0, shown.output
+    warnings = [line for line in shown.output.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, shown.output
+    assert "targets metadata expires in 2 days" in warnings[0]
+    assert "edgefleet fleet keys resign-targets --targets-key" in warnings[0]
+    rows = {r["role"]: r for r in json.loads(run(settings.home, "keys", "show", "--json").output)}
+    assert rows["targets"]["warning"] == warnings[0].split("WARNING: ")[1]
+    assert rows["root"]["warning"] is rows["snapshot"]["warning"] is None
+
+    renewed = run(settings.home, "keys", "resign-targets", "--targets-key", targets_key)
+    assert renewed.exit_code == 0, renewed.output
+    assert "WARNING" not in run(settings.home, "keys", "show").output
+    assert _metadata(settings, "targets.json").signed.version == 3
+    bad = run(settings.home, "keys", "resign-targets", "--targets-key", targets_key,
+              "--expires-in", "soon")  # fmt: skip
+    assert bad.exit_code == 2 and "--expires-in" in bad.output
+    zero = run(settings.home, "keys", "resign-targets", "--targets-key", targets_key,
+               "--expires-in", "0d")  # fmt: skip
+    assert zero.exit_code == 1 and "positive duration" in zero.output
+    wrong = run(settings.home, "keys", "resign-targets", "--targets-key",
+                str(settings.key_path("snapshot")))  # fmt: skip
+    assert wrong.exit_code == 1 and "not one of the targets keys" in wrong.output
+    assert _metadata(settings, "targets.json").signed.version == 3
 
 
 # -- the trust service and enrollment across processes -----------------------------------------
