@@ -7,7 +7,6 @@ reason recorded, and the agent keeps answering with the version it already serve
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 import time
@@ -22,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from starlette.responses import Response, StreamingResponse
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
 
 from agent.trust.state import TrustState
 from agent.trust.tuf_client import ModelCatalogue
@@ -491,17 +490,9 @@ def _wrong_golden(bundle: Path, folder: Path, version: str) -> Path:
 
 
 def _rotate_targets_key(fleet: Fleet, successor: Path) -> None:
-    """A new root version (signed by the root key) that trusts ``successor`` for targets only."""
-    current = Metadata[Root].from_bytes(fleet.repo.root_bytes())
-    root = Metadata(Root.from_dict(copy.deepcopy(current.signed.to_dict())))
-    for keyid in list(root.signed.roles[Targets.type].keyids):
-        root.signed.revoke_key(keyid, Targets.type)
-    root.signed.add_key(load_signer(successor).public_key, Targets.type)
-    root.signed.version += 1
-    root.sign(load_signer(fleet.keys["root"][0]))
-    data = root.to_bytes()
-    (fleet.repo.metadata_dir / f"{root.signed.version}.root.json").write_bytes(data)
-    (fleet.repo.metadata_dir / "root.json").write_bytes(data)
+    """A new root version (signed by the root key) that trusts ``successor`` for targets only;
+    the genuine targets metadata is re-signed with it."""
+    fleet.repo.rotate_role(Targets.type, [successor], fleet.keys["root"])
 
 
 def _forge_targets(fleet: Fleet, targets_key: Path, extra: TargetFile) -> dict[str, bytes]:

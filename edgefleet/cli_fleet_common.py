@@ -1,0 +1,51 @@
+"""What the ``edgefleet fleet`` commands share: settings from flags and variables, durations
+given on the command line, and files written for other hosts to read."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from agent.files import atomic_write
+from fleet.trust.settings import FleetTrustSettings
+
+__all__ = ["fleet_settings", "parse_duration", "write_file"]
+
+
+def fleet_settings(ctx: click.Context, **flags: Any) -> FleetTrustSettings:
+    """Flags win over EDGEFLEET_FLEET_* variables; ``--home`` comes from the ``fleet`` group."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    home = ctx.find_root().meta.get("edgefleet.fleet.home")
+    if home is not None:
+        given["home"] = home
+    try:
+        return FleetTrustSettings(**given)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise click.UsageError(f"invalid fleet settings: {problems}") from None
+
+
+def parse_duration(text: str, option: str = "--ttl") -> timedelta:
+    """``90s``, ``30m``, ``24h`` or ``7d`` as a timedelta; a usage error names ``option``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if match is None:
+        raise click.BadParameter(
+            f"{text!r} is not a duration; use a number and a unit: 90s, 30m, 24h, 7d",
+            param_hint=option,
+        )
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+    return timedelta(**{unit: float(match.group(1))})
+
+
+def write_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` atomically with ``mode``, creating the folder if it is missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data, mode=mode)
