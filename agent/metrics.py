@@ -78,9 +78,6 @@ class AgentMetrics:
             ["model"],
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "edgefleet_agent_queue_depth", "Requests waiting per model", ["model"], registry=r
-        )
 
     def observer(self, model: str, version: str) -> Callable[[int, int, int], None]:
         """A batcher callback recording batch size, queue time and compute time."""

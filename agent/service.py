@@ -21,6 +21,7 @@ from agent.serving import ServedModel, check_fallback_compatible
 from agent.settings import AgentSettings
 from agent.store import InstalledModel, ModelStore
 from edgefleet import __version__
+from protocol.manifest import Manifest
 
 __all__ = [
     "Agent",
@@ -145,15 +146,7 @@ class Agent:
         except ModelLoadError as e:
             error = str(e)
             log.error("model failed to load", extra={"model": name, "error": error})
-        fallback = self._fallback
-        if fallback is not None:
-            try:
-                check_fallback_compatible(
-                    installed.manifest.inputs, installed.manifest.outputs, fallback
-                )
-            except ModelLoadError as e:
-                log.warning("no fallback for this model", extra={"model": name, "error": str(e)})
-                fallback = None
+        fallback = self._fallback_for(installed.manifest)
         if primary is None and fallback is None:
             self.failed[name] = error or "unknown"
             return
@@ -165,6 +158,20 @@ class Agent:
             fallback=fallback,
             load_error=error,
         )
+
+    def _fallback_for(self, manifest: Manifest) -> ModelRunner | None:
+        """The pinned fallback, if it can stand in for ``manifest``'s model; else None."""
+        fallback = self._fallback
+        if fallback is None:
+            return None
+        try:
+            check_fallback_compatible(manifest.inputs, manifest.outputs, fallback)
+        except ModelLoadError as e:
+            log.warning(
+                "no fallback for this model", extra={"model": manifest.name, "error": str(e)}
+            )
+            return None
+        return fallback
 
     async def load(self, installed: InstalledModel) -> ModelRunner:
         """Resolve the device, self-test and warm up one installed version (off the loop)."""
@@ -220,7 +227,7 @@ class Agent:
                 self.settings.serving_config(),
                 self.metrics,
                 primary=runner,
-                fallback=self._fallback,
+                fallback=self._fallback_for(installed.manifest),
             )
         else:
             await served.swap(runner)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Counter
 
 from agent.circuit import CircuitBreaker, CircuitState
 from agent.errors import (
@@ -76,6 +77,7 @@ class ServedModel:
         self._metrics = metrics
         self._cache: OrderedDict[bytes, Answer] = OrderedDict()
         self._latency = metrics.request_seconds.labels(name)
+        self._answered = self._answered_by(primary)
         self._circuit_gauge = metrics.circuit_open.labels(name)
         self._circuit_was_open = False
 
@@ -89,6 +91,12 @@ class ServedModel:
     @property
     def versions(self) -> tuple[str, ...]:
         return (self.serving.version,)
+
+    def _answered_by(self, primary: ModelRunner | None) -> Counter | None:
+        """The primary's request counter, looked up once per version instead of per request."""
+        if primary is None:
+            return None
+        return self._metrics.requests.labels(self.name, primary.version, "false")
 
     def observe_latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
@@ -106,7 +114,8 @@ class ServedModel:
         return answer
 
     async def _infer(self, inputs: Mapping[str, np.ndarray], rows: int) -> Answer:
-        primary = self.primary
+        # Taken together: a swap during this request must not move its count to the new version.
+        primary, answered = self.primary, self._answered
         error: AgentError
         if primary is None:
             reason = "primary_not_loaded"
@@ -131,7 +140,8 @@ class ServedModel:
                 if self._circuit_was_open:
                     self._circuit_was_open = False
                     self._circuit_gauge.set(0)
-                self._metrics.requests.labels(self.name, primary.version, "false").inc()
+                assert answered is not None  # set with every primary
+                answered.inc()
                 return Answer(outputs, primary.manifest.outputs, self.name, primary.version, False)
         fallback = self.fallback
         if fallback is None:
@@ -161,6 +171,7 @@ class ServedModel:
                 runner.manifest.inputs, runner.manifest.outputs, self.fallback
             )
         old, self.primary = self.primary, runner
+        self._answered = self._answered_by(runner)
         self.load_error = None
         self.circuit.record_success()
         self._cache.clear()

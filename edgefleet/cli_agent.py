@@ -18,6 +18,7 @@ from agent.service import Agent
 from agent.settings import AgentSettings, default_state_dir
 from edgefleet.cli_errors import reported
 from edgefleet.logs import configure_logging
+from protocol.manifest import TensorSpec
 
 __all__ = ["agent"]
 
@@ -271,8 +272,6 @@ def enroll_command(fleet_url: str, token: str, device_id: str, state_dir: Path |
 
 
 def _random_inputs(client: AgentClient, model: str) -> dict[str, np.ndarray]:
-    from protocol.manifest import TensorSpec
-
     meta = client.metadata(model)
     specs = tuple(TensorSpec(**t) for t in meta["inputs"])
     return make_inputs(specs, batch=1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from agent.runtimes import RUNTIMES
 from edgefleet.cli_errors import reported
 from protocol.bundle import file_digest, read_manifest, verify_bundle
 from protocol.manifest import Manifest, TensorSpec
@@ -49,7 +50,7 @@ def bundle() -> None:
 )
 @click.option(
     "--runtime",
-    type=click.Choice(["onnxruntime", "openvino", "litert"]),
+    type=click.Choice(RUNTIMES),
     help="Runtime that loads the model [default: from the file suffix].",
 )
 @click.option(

@@ -12,6 +12,8 @@ import click
 import numpy as np
 
 from edgefleet.cli_errors import reported
+from exporters.errors import ExportError
+from exporters.options import QUANTIZE_METHODS, TARGETS, QuantizeOptions, Tolerance
 
 if TYPE_CHECKING:
     from exporters.pipeline import ExportResult
@@ -59,14 +61,14 @@ def _options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Data for static quantization, same formats as --sample "
                      "[default: the sample]."),
         click.option("--quantize", "method", default="none", show_default=True,
-                     type=click.Choice(["none", "dynamic-int8", "static-int8"]),
+                     type=click.Choice(QUANTIZE_METHODS),
                      help="Quantization of the exported model."),
         click.option("--per-channel", is_flag=True,
                      help="One scale per output channel of each weight (static INT8)."),
         click.option("--calibration-samples", type=click.IntRange(min=1), default=200,
                      show_default=True, help="Rows used for static calibration."),
         click.option("--target", default="onnxruntime", show_default=True,
-                     type=click.Choice(["onnxruntime", "openvino", "litert"]),
+                     type=click.Choice(TARGETS),
                      help="Runtime the bundle is built for."),
         click.option("--max-abs-diff", type=click.FloatRange(min=0),
                      help="Largest absolute output difference allowed [default: 1e-3 for "
@@ -101,9 +103,7 @@ def _options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _framework_command(framework: str, model_help: str) -> None:
     @export.command(framework, epilog=_EXAMPLES, help=model_help)
-    @click.argument(
-        "model", type=click.Path(exists=True, dir_okay=framework == "keras", path_type=Path)
-    )
+    @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
     @_options
     @reported
     def command(model: Path, **options: Any) -> None:
@@ -123,8 +123,7 @@ _framework_command(
 _framework_command("onnx", "Validate, quantize and bundle an existing ONNX model (MODEL: .onnx).")
 _framework_command(
     "keras",
-    "Export a Keras model (MODEL: .keras/.h5 or a SavedModel folder). "
-    "Needs: pip install 'edgefleet[export-keras]'.",
+    "Export a Keras model (MODEL: .keras/.h5). Needs: pip install 'edgefleet[export-keras]'.",
 )
 
 
@@ -151,8 +150,7 @@ def _export(
     profile_runs: int,
     report_dir: Path | None,
 ) -> None:
-    # Imported here: the exporters pull onnx and the frameworks, which --help does not need.
-    from exporters.options import QuantizeOptions, Tolerance
+    # Imported here: the pipeline pulls onnx and the frameworks, which --help does not need.
     from exporters.pipeline import STEPS, export
 
     options = QuantizeOptions(
@@ -198,8 +196,6 @@ def _export(
 
 
 def _labels(path: Path) -> np.ndarray:
-    from exporters.errors import ExportError
-
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as archive:

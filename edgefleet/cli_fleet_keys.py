@@ -20,7 +20,7 @@ from tuf.api.serialization import DeserializationError
 from edgefleet.cli_errors import reported
 from edgefleet.cli_fleet_common import fleet_settings, parse_duration, write_file
 from fleet.errors import KeyFileError, TrustError
-from fleet.trust.ca import DeviceCA
+from fleet.trust.ca import FLEET_CLIENT_NAME, DeviceCA
 from fleet.trust.enroll import EnrollmentTokens
 from fleet.trust.enroll_http import director_public_pem, open_repository, repository_lock
 from fleet.trust.keys import ONLINE_ROLES, ROLES, generate_key, public_key
@@ -31,7 +31,6 @@ from protocol.director import check_device_id, director_keyid
 __all__ = ["keys"]
 
 OFFLINE_ROLES = tuple(r for r in ROLES if r not in ONLINE_ROLES)
-FLEET_CLIENT_NAME = "edgefleet-fleet"  # the fleet service's CN at the broker (packaging/mosquitto)
 # Why each key matters, printed by `keys init` and `keys show`.
 _PROTECTS = {
     "root": "names every other key; whoever holds it can replace them all",

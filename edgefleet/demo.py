@@ -5,6 +5,7 @@ The bundles are built once into the work directory and reused on later runs.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
@@ -19,18 +20,11 @@ PRIMARY = ("digits", "2.0.0")
 FALLBACK = ("digits-small", "1.0.0")
 
 
-def _export_sklearn(model: object, features: int, out: Path) -> Path:
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
+def _export_sklearn(model: object, sample: np.ndarray, out: Path) -> Path:
+    from exporters.sources import load_source
 
-    onnx_model = convert_sklearn(
-        model,
-        initial_types=[("input", FloatTensorType([None, features]))],
-        options={id(model): {"zipmap": False}},  # plain tensors, not a list of dicts
-        target_opset={"": 17, "ai.onnx.ml": 3},
-    )
-    out.write_bytes(onnx_model.SerializeToString())
-    return out
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        return load_source("sklearn", model, sample, Path(work)).onnx_path.replace(out)
 
 
 def build_demo_bundles(work_dir: Path) -> tuple[Path, Path]:
@@ -57,7 +51,7 @@ def build_demo_bundles(work_dir: Path) -> tuple[Path, Path]:
         small = LogisticRegression(max_iter=500).fit(x, y)
         bar.update(1)
         create_bundle(
-            _export_sklearn(small, x.shape[1], work_dir / "digits-small.onnx"),
+            _export_sklearn(small, x, work_dir / "digits-small.onnx"),
             name=FALLBACK[0],
             version=FALLBACK[1],
             out=fallback,
@@ -65,7 +59,7 @@ def build_demo_bundles(work_dir: Path) -> tuple[Path, Path]:
         )
         bar.update(1)
         create_bundle(
-            _export_sklearn(mlp, x.shape[1], work_dir / "digits.onnx"),
+            _export_sklearn(mlp, x, work_dir / "digits.onnx"),
             name=PRIMARY[0],
             version=PRIMARY[1],
             out=primary,

@@ -19,10 +19,10 @@ from exporters.errors import ExportError
 from protocol.datatypes import dtype_of
 from protocol.manifest import TensorSpec
 
-__all__ = ["IMAGE_SUFFIXES", "Samples", "load_samples"]
+__all__ = ["IMAGE_SUFFIXES", "LABEL_KEYS", "Samples", "load_samples"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-_LABEL_KEYS = ("labels", "y")  # npz arrays taken as labels, first found wins
+LABEL_KEYS = ("labels", "y")  # npz arrays taken as labels, first found wins
 _SINGLE_KEYS = ("x", "X", "data")  # npz arrays taken as the input of a single-input model
 _LABEL_COLUMN = "label"  # csv header naming the label column
 
@@ -158,7 +158,7 @@ def _npz(
         raise ExportError(f"{path.name} is not a readable numpy .npz file: {_why(e)}") from e
     if not arrays:
         raise ExportError(f"{path.name} is empty: it holds no arrays")
-    label_key = next((k for k in _LABEL_KEYS if k in arrays), None)
+    label_key = next((k for k in LABEL_KEYS if k in arrays), None)
     labels = arrays.pop(label_key) if label_key else None
     names = [s.name for s in inputs]
     if all(n in arrays for n in names):

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from agent.errors import AgentError
-from agent.runtimes import RuntimeOptions, get_backend, runtime_for_path
+from agent.runtimes import RUNTIMES, RuntimeOptions, get_backend, runtime_for_path
 from agent.runtimes.base import Session
 from agent.selftest import make_inputs
 from exporters.errors import ExportError, InvalidModelError
@@ -31,9 +31,8 @@ from protocol.manifest import (
     TensorSpec,
 )
 
-__all__ = ["RUNTIMES", "bundle_path", "create_bundle"]
+__all__ = ["bundle_path", "create_bundle"]
 
-RUNTIMES = ("onnxruntime", "openvino", "litert")
 _SNIFF = 4096  # bytes read from the head of a model file to check its format
 _TFLITE_ID = b"TFL3"  # flatbuffer file identifier of a .tflite model, at bytes 4..8
 

@@ -20,7 +20,7 @@ import numpy as np
 from agent.errors import AgentError
 from agent.runtimes import RuntimeOptions, get_backend
 from agent.runtimes.base import Session
-from exporters.calibration import Samples, load_samples
+from exporters.calibration import LABEL_KEYS, Samples, load_samples
 from exporters.errors import ExportError
 from exporters.options import QuantizeOptions, Target, Tolerance
 from exporters.package import bundle_path, create_bundle
@@ -49,12 +49,13 @@ STEPS: tuple[str, ...] = (
     "write report",
 )
 _CHUNK = 256  # rows per run when comparing models: bounds memory on large sample sets
-_LABEL_KEYS = ("labels", "y")  # as exporters.calibration reads them
 _FEW_ROWS = 100  # below this many sample rows, parity numbers are rough
 
 
 @dataclass(frozen=True)
 class ExportResult:
+    """What :func:`export` wrote: the bundle, its manifest, and the report."""
+
     bundle: Path
     manifest: Manifest
     report: ExportReport
@@ -95,7 +96,7 @@ def export(
     Raises :class:`~exporters.errors.ParityError` when the export misses the tolerance, and
     another :class:`~exporters.errors.ExportError` for any other refused input.
     """
-    step = _Steps(progress)
+    step = progress or _no_progress
     destination = bundle_path(Path(out), name, version)
     if threads < 1:
         raise ExportError(f"threads must be 1 or more, not {threads}")
@@ -202,15 +203,8 @@ def export(
     )
 
 
-class _Steps:
-    """Calls ``progress`` once per step of :data:`STEPS`, in order."""
-
-    def __init__(self, progress: Callable[[str], None] | None) -> None:
-        self._progress = progress
-
-    def __call__(self, label: str) -> None:
-        if self._progress is not None:
-            self._progress(label)
+def _no_progress(step: str) -> None:
+    pass
 
 
 def _check_target(target: str, framework: str, quantize: QuantizeOptions) -> None:
@@ -236,7 +230,7 @@ def _first_sample(
     if isinstance(sample, np.ndarray):
         return sample
     if not isinstance(sample, Path | str):
-        return {k: np.asarray(v) for k, v in sample.items() if k not in _LABEL_KEYS}
+        return {k: np.asarray(v) for k, v in sample.items() if k not in LABEL_KEYS}
     path = Path(sample)
     if not path.exists():
         raise ExportError(f"sample file {path} does not exist")
@@ -264,7 +258,7 @@ def _first_sample(
     if isinstance(loaded, np.ndarray):
         return loaded
     with loaded:
-        arrays = {k: loaded[k] for k in loaded.files if k not in _LABEL_KEYS}
+        arrays = {k: loaded[k] for k in loaded.files if k not in LABEL_KEYS}
     if not arrays:
         raise ExportError(f"sample {path} holds no input arrays, only labels")
     return next(iter(arrays.values())) if len(arrays) == 1 else arrays
@@ -277,7 +271,7 @@ def _copy(source: Path, target: Path) -> Path:
 
 
 def _signature(onnx_model: Path) -> tuple[TensorSpec, ...]:
-    session = _load(onnx_model, "onnxruntime", 1)
+    session = load_onnx_session(onnx_model)
     try:
         return session.inputs
     finally:
@@ -294,8 +288,8 @@ def _samples(
     elif isinstance(sample, np.ndarray):
         samples = Samples.from_arrays({"input": sample}, specs)
     else:
-        arrays = {k: v for k, v in sample.items() if k not in _LABEL_KEYS}
-        found = next((np.asarray(sample[k]) for k in _LABEL_KEYS if k in sample), None)
+        arrays = {k: v for k, v in sample.items() if k not in LABEL_KEYS}
+        found = next((np.asarray(sample[k]) for k in LABEL_KEYS if k in sample), None)
         samples = Samples.from_arrays(arrays, specs, found)
     if labels is not None:
         samples = Samples.from_arrays(samples.inputs, specs, labels, source="the labels")

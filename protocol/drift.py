@@ -67,6 +67,8 @@ def reference_bins(
     if finite.size == 0:
         raise ProtocolError(f"feature {name!r}: reference values are all NaN or infinite")
     edges = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, bins + 1)))
+    if edges.size == 1:  # a constant feature still needs one interval between under and overflow
+        edges = np.append(edges, np.nextafter(edges[0], np.inf))
     spec = FeatureBins(
         name=name, tensor=tensor, column=column, edges=tuple(float(e) for e in edges),
         counts=(0,) * (len(edges) + 1),
@@ -79,9 +81,10 @@ def count(values: np.ndarray, bins: FeatureBins) -> np.ndarray:
     flat = np.asarray(values).reshape(-1)
     if bins.kind == "categorical":
         categories = np.asarray(bins.categories)
-        index = np.searchsorted(categories, flat.astype(str))
+        text = flat.astype(str)
+        index = np.searchsorted(categories, text)
         index = np.minimum(index, max(len(categories) - 1, 0))
-        known = categories[index] == flat.astype(str) if len(categories) else np.zeros(0, bool)
+        known = categories[index] == text if len(categories) else np.zeros(0, bool)
         index = np.where(known, index, len(categories))
         found: np.ndarray = np.bincount(index, minlength=len(categories) + 1).astype(np.int64)
         return found

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from protocol.datatypes import Datatype, dtype_of
+from protocol.datatypes import Datatype, datatype_of, dtype_of
 from protocol.errors import ManifestError
 
 __all__ = [
@@ -59,9 +59,6 @@ def _check_version(value: str) -> str:
     return value
 
 
-ModelName = Annotated[str, Field(description="lowercase model name")]
-
-
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -90,8 +87,6 @@ class TensorData(_Frozen):
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> TensorData:
-        from protocol.datatypes import datatype_of
-
         datatype = datatype_of(array.dtype)
         flat = array.reshape(-1)
         data = [str(x) for x in flat] if datatype == "BYTES" else flat.tolist()
@@ -163,6 +158,10 @@ class FeatureBins(_Frozen):
 
     @model_validator(mode="after")
     def _shape(self) -> FeatureBins:
+        if self.kind == "numeric" and len(self.edges) < 2:
+            raise ValueError(f"feature {self.name!r}: numeric bins need at least two edges")
+        if self.kind == "categorical" and not self.categories:
+            raise ValueError(f"feature {self.name!r}: categorical bins need a category")
         expected = len(self.edges) + 1 if self.kind == "numeric" else len(self.categories) + 1
         if len(self.counts) != expected:
             raise ValueError(

@@ -15,15 +15,11 @@ import numpy as np
 import orjson
 
 from agent.codec._bytes import pack_bytes
-from agent.codec.request import InferRequest
+from agent.codec.request import _NATIVE, _WIRE, InferRequest
 from agent.errors import InferenceError
-from protocol.datatypes import DATATYPES, dtype_of
 from protocol.manifest import TensorSpec
 
 __all__ = ["encode_response"]
-
-_NATIVE = {name: dtype_of(name) for name in DATATYPES}
-_WIRE = {name: dtype_of(name).newbyteorder("<") for name in DATATYPES if name != "BYTES"}
 
 
 def encode_response(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.service import Agent
 from agent.serving import ServedModel
 from edgefleet import __version__
 from protocol.manifest import TensorSpec
@@ -67,7 +68,7 @@ def model_config(served: ServedModel) -> dict[str, Any]:
     }
 
 
-def model_stats(agent: Any, served: ServedModel | None) -> dict[str, Any]:
+def model_stats(agent: Agent, served: ServedModel | None) -> dict[str, Any]:
     """Triton's statistics extension, per loaded model version."""
     targets = [served] if served is not None else list(agent.models.values())
     stats = []

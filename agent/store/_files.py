@@ -1,26 +1,17 @@
-"""Durable file operations of the store: appends, digests, tree removal; atomic replace and
-directory fsync come from :mod:`agent.files`."""
+"""Durable file operations of the store: fsynced appends and tree removal.
+
+Atomic replace and directory fsync come from :mod:`agent.files`, file digests from
+:func:`protocol.bundle.file_digest`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
-from agent.files import TEMP_MARK, atomic_write, fsync_dir
-
-__all__ = [
-    "TEMP_MARK",
-    "append_durable",
-    "atomic_write",
-    "fsync_dir",
-    "remove_tree",
-    "sha256_of",
-]
-
-_CHUNK = 1 << 20  # bytes read at a time when hashing
+__all__ = ["append_durable", "remove_tree"]
 
 
 def append_durable(path: Path, data: bytes) -> None:
@@ -34,15 +25,6 @@ def append_durable(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_of(path: Path) -> str:
-    """Lowercase hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remove_tree(path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.errors import StoreError
-from agent.store._files import append_durable, atomic_write
+from agent.files import atomic_write
+from agent.store._files import append_durable
 from agent.store._records import JournalRecord
 
 __all__ = ["Journal"]

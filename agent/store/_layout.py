@@ -9,9 +9,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.errors import StoreError
-from agent.store._files import TEMP_MARK, sha256_of
+from agent.files import TEMP_MARK
 from agent.store._records import Pins, Pointer
 from agent.store._versions import version_key
+from protocol.bundle import file_digest
 from protocol.errors import ProtocolError
 from protocol.manifest import MANIFEST_NAME, Manifest, ModelRef, parse_manifest
 
@@ -123,7 +124,7 @@ class StoreLayout:
             path = model.path / entry.path
             try:
                 size = path.stat().st_size
-                digest = sha256_of(path) if size == entry.size else None
+                digest = file_digest(path) if size == entry.size else None
             except OSError as e:
                 raise StoreError(
                     f"{model.name}@{model.version}: file {entry.path!r} is unreadable "

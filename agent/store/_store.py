@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.errors import StoreError
-from agent.store._files import atomic_write, fsync_dir, remove_tree, sha256_of
+from agent.files import atomic_write, fsync_dir
+from agent.store._files import remove_tree
 from agent.store._journal import Journal
 from agent.store._layout import (
     DIGEST_NAME,
@@ -38,7 +39,7 @@ from agent.store._layout import (
 )
 from agent.store._records import JournalRecord, Op, Pins, Pointer, utc_now
 from agent.store._versions import version_key
-from protocol.bundle import extract_bundle, read_manifest
+from protocol.bundle import extract_bundle, file_digest, read_manifest
 from protocol.errors import ProtocolError
 
 __all__ = ["ModelStore"]
@@ -144,7 +145,7 @@ class ModelStore:
         """
         bundle = Path(bundle)
         try:
-            digest = sha256_of(bundle)
+            digest = file_digest(bundle)
             manifest = read_manifest(bundle)
         except OSError as e:
             raise os_error("read bundle", bundle, e) from e
@@ -231,8 +232,7 @@ class ModelStore:
         reason: str | None = None,
     ) -> Pointer:
         pointer = Pointer(version=version, previous=history, activated=utc_now())
-        fields: dict[str, Any] = {"replaces": replaces, "previous": history}
-        step = self._begin("activate", name, version, **fields)
+        step = self._begin("activate", name, version, replaces=replaces, previous=history)
         path = self._layout.pointer_path(name)
         try:
             atomic_write(path, pointer.to_json())

@@ -12,10 +12,7 @@ ignored, so a device cannot ask for a CA or server certificate.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
-import secrets
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,9 +27,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.errors import EnrollmentError, TrustError
+from fleet.files import atomic_write
 from protocol.director import check_device_id
 
-__all__ = ["DeviceCA"]
+__all__ = ["FLEET_CLIENT_NAME", "DeviceCA", "check_device_name"]
+
+# The fleet service's CN at the broker, where the ACL grants it every topic: never a device's.
+FLEET_CLIENT_NAME = "edgefleet-fleet"
 
 CertificateKind = Literal["device", "server", "client"]
 
@@ -119,8 +120,8 @@ class DeviceCA:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_atomic(key_path, pem_key, mode=0o600, exclusive=True)
-        _write_atomic(
+        atomic_write(key_path, pem_key, mode=0o600, exclusive=True)
+        atomic_write(
             directory / "ca.crt", certificate.public_bytes(serialization.Encoding.PEM), mode=0o644
         )
         ca = cls(directory, key, certificate)
@@ -162,10 +163,7 @@ class DeviceCA:
     def validate_csr(self, csr_pem: bytes, device_id: str) -> x509.CertificateSigningRequest:
         """Check a device's request without issuing anything: well-formed, self-signed, a
         supported key, and CN = ``device_id``. Raises :class:`EnrollmentError`."""
-        try:
-            check_device_id(device_id)
-        except ValueError as e:
-            raise EnrollmentError(str(e), reason="bad_device_id") from None
+        check_device_name(device_id)
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as e:
@@ -290,8 +288,8 @@ class DeviceCA:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_atomic(key_path, pem_key, mode=0o600)
-        _write_atomic(cert_path, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        atomic_write(key_path, pem_key, mode=0o600)
+        atomic_write(cert_path, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
     def _sign(
         self,
@@ -376,7 +374,22 @@ class DeviceCA:
 
     def _write_index(self, index: _Index) -> None:
         data = index.model_dump_json(by_alias=True, indent=2).encode()
-        _write_atomic(self._directory / "index.json", data, mode=0o644)
+        atomic_write(self._directory / "index.json", data, mode=0o644)
+
+
+def check_device_name(device_id: str) -> None:
+    """Raise :class:`EnrollmentError` unless ``device_id`` can name a device: a valid device id,
+    and not the fleet service's own name (which the broker's ACL lets read and write everything)."""
+    try:
+        check_device_id(device_id)
+    except ValueError as e:
+        raise EnrollmentError(str(e), reason="bad_device_id") from None
+    if device_id == FLEET_CLIENT_NAME:
+        raise EnrollmentError(
+            f"{device_id!r} is the fleet service's own name at the broker and cannot name a "
+            "device; choose another device id",
+            reason="bad_device_id",
+        )
 
 
 def _check_public_key(key: CertificatePublicKeyTypes) -> None:
@@ -403,25 +416,3 @@ def _alt_names(hostname: str) -> list[x509.GeneralName]:
     if loopback not in names:
         names.append(loopback)
     return names
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int, exclusive: bool = False) -> None:
-    """Replace ``path`` atomically with a file that has ``mode`` from creation (keys are never
-    briefly readable by others). ``exclusive`` refuses an existing ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)  # fails if ``path`` appeared meanwhile
-            tmp.unlink()
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise

@@ -18,8 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from fleet.errors import EnrollmentError
-from fleet.trust.ca import DeviceCA
-from protocol.director import check_device_id
+from fleet.trust.ca import DeviceCA, check_device_name
 
 __all__ = ["EnrollmentBundle", "EnrollmentTokens", "enroll"]
 
@@ -57,10 +56,7 @@ class EnrollmentTokens:
     def create(self, device_id: str, ttl: timedelta = timedelta(hours=24)) -> str:
         """A new token for ``device_id``, valid for ``ttl``. Earlier unused tokens for the same
         device stop working: only the newest one handed out can enroll it."""
-        try:
-            check_device_id(device_id)
-        except ValueError as e:
-            raise EnrollmentError(str(e), reason="bad_device_id") from None
+        check_device_name(device_id)
         if ttl <= timedelta(0):
             raise EnrollmentError(f"ttl must be positive, got {ttl}", reason="bad_ttl")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -176,8 +172,7 @@ def enroll(
     racing uses one fails and its certificate is never handed out.
     """
     device_id = tokens.check(token)
-    ca.validate_csr(csr_pem, device_id)
-    certificate = ca.issue(csr_pem, device_id)
+    certificate = ca.issue(csr_pem, device_id)  # checks the request before signing anything
     tokens.redeem(token)
     return EnrollmentBundle(
         device_id=device_id,

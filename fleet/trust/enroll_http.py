@@ -38,8 +38,10 @@ from fleet.errors import EnrollmentError, FleetError, TrustError
 from fleet.trust.ca import DeviceCA
 from fleet.trust.enroll import EnrollmentBundle, EnrollmentTokens, enroll
 from fleet.trust.http import trust_app
+from fleet.trust.keys import ONLINE_ROLES
 from fleet.trust.repository import ImageRepository
 from fleet.trust.settings import FleetTrustSettings
+from protocol.enrollment import MAX_ENROLL_BODY, EnrollRequest, EnrollResponse
 
 __all__ = [
     "director_public_pem",
@@ -47,8 +49,6 @@ __all__ = [
     "open_repository",
     "repository_lock",
 ]
-
-from protocol.enrollment import MAX_ENROLL_BODY, EnrollRequest, EnrollResponse
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def repository_lock(settings: FleetTrustSettings) -> Iterator[None]:
 
 def open_repository(settings: FleetTrustSettings) -> ImageRepository:
     """The image repository under ``settings.home`` with its online (snapshot, timestamp) keys."""
-    online = {role: [settings.key_path(role)] for role in ("snapshot", "timestamp")}
+    online = {role: [settings.key_path(role)] for role in ONLINE_ROLES}
     return ImageRepository.open(settings.repository_dir, online)
 
 

@@ -48,6 +48,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 
 from fleet.errors import RepositoryError
+from fleet.files import atomic_write
 from fleet.trust.keys import ONLINE_ROLES, ROLES, load_signer, public_key
 from protocol.bundle import bundle_filename, verify_bundle
 from protocol.errors import ProtocolError
@@ -79,20 +80,6 @@ class TargetInfo:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _signers(role: str, paths: Sequence[Path]) -> list[Signer]:
@@ -178,9 +165,10 @@ class ImageRepository:
 
         metadata_dir.mkdir(parents=True)
         (directory / "targets").mkdir(exist_ok=True)
-        _write_atomic(
+        atomic_write(
             directory / _EXPIRY_FILE,
             json.dumps({r: d.total_seconds() for r, d in policy.items()}, indent=1).encode(),
+            mode=0o644,
         )
         online = {r: _signers(r, keys[r]) for r in ONLINE_ROLES}
         repo = cls(directory, online, policy)
@@ -524,8 +512,8 @@ class ImageRepository:
 
     def _write_root(self, md: Metadata[Root]) -> None:
         data = md.to_bytes()
-        _write_atomic(self.metadata_dir / f"{md.signed.version}.root.json", data)
-        _write_atomic(self.metadata_dir / "root.json", data)
+        atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data, mode=0o644)
+        atomic_write(self.metadata_dir / "root.json", data, mode=0o644)
 
     def _publish(
         self,
@@ -566,7 +554,7 @@ class ImageRepository:
         data = self._bump(timestamp_md, root)
         # In the order clients read them backwards, so a client never sees a dangling pointer.
         for name, content in [*(writes or []), ("timestamp.json", data)]:
-            _write_atomic(self.metadata_dir / name, content)
+            atomic_write(self.metadata_dir / name, content, mode=0o644)
 
     def _bump(self, md: Metadata[Snapshot] | Metadata[Timestamp], root: Root) -> bytes:
         """A new version of an online role, signed with the repository's online keys."""

@@ -184,6 +184,7 @@ async def test_output_without_a_row_per_input_is_run_per_request() -> None:
     gate.set()
     results = await asyncio.gather(first.future, a.future, b.future)
     assert [float(r["total"]) for r in results] == [3.0, 6.0, 9.0]
+    assert max(calls) > 1  # a batch was tried before each request ran alone
     batcher.close()
 
 

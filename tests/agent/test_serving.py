@@ -150,6 +150,23 @@ async def test_swap_under_load_fails_no_request_and_unloads_the_old_version() ->
     assert served.versions == ("2.0.0",)
 
 
+async def test_requests_are_counted_under_the_version_that_answered_them() -> None:
+    metrics = AgentMetrics()
+    served = ServedModel("m", ServingConfig(), metrics, primary=runner(FakeSession(delay=0.05)))
+    _opened.append(served)
+    in_flight = asyncio.create_task(served.infer({"x": X}, 1))
+    await asyncio.sleep(0.01)
+    await served.swap(runner(FakeSession(3.0), "m", "2.0.0"))  # drains the request above
+    assert (await in_flight).model_version == "1.0.0"
+    assert (await served.infer({"x": X}, 1)).model_version == "2.0.0"
+
+    def answered(version: str) -> float | None:
+        labels = {"model": "m", "version": version, "fallback": "false"}
+        return metrics.registry.get_sample_value("edgefleet_agent_requests_total", labels)
+
+    assert (answered("1.0.0"), answered("2.0.0")) == (1.0, 1.0)
+
+
 async def test_incompatible_fallback_is_named() -> None:
     fallback = runner(FakeSession(), "m-small", "0.1.0")
     other = (TensorSpec(name="x", datatype="INT64", shape=(-1, 3)),)

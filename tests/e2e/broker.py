@@ -2,8 +2,7 @@
 
 ``packaging/mosquitto/mosquitto.conf`` is rendered the way a deployment renders it (its
 ``${EDGEFLEET_BROKER_*}`` placeholders replaced, nothing added or removed) and
-``packaging/mosquitto/acl`` is copied verbatim. Certificates are written here with `cryptography`
-so the broker tests do not depend on the fleet's CA code.
+``packaging/mosquitto/acl`` is copied verbatim. Certificates come from the fleet's own device CA.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -33,6 +31,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.trust.identity import IdentityFiles, create_device_key, load_device_key, make_csr
+from fleet.trust.ca import FLEET_CLIENT_NAME, DeviceCA
 
 __all__ = [
     "PACKAGING_DIR",
@@ -66,123 +67,71 @@ class Identity:
     key: Path
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path.touch(mode=0o600)
-    path.write_bytes(pem)
-
-
 class LocalCA:
-    """A throwaway certificate authority (EC P-256, as device keys are)."""
+    """The fleet's device CA (:class:`DeviceCA`) in a throwaway directory, issuing what the fleet
+    issues: devices' certificates from their own key and request, the fleet service's client
+    certificate and the broker's, so the broker is tested with the certificates it will see."""
 
     def __init__(self, directory: Path, common_name: str = "edgefleet test device CA") -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
-            )
-            .sign(self._key, hashes.SHA256())
-        )
-        self.cert_path = directory / "ca.pem"
-        self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
-        self._revoked: dict[int, dt.datetime] = {}
-        self._serials: dict[str, int] = {}
+        self.device_ca = DeviceCA.create(directory, common_name=common_name)
+        self.cert_path = directory / "ca.crt"
 
-    def issue(
-        self,
-        common_name: str,
-        *,
-        server: bool = False,
-        not_before: dt.datetime | None = None,
-        not_after: dt.datetime | None = None,
-    ) -> Identity:
-        """Write ``<name>.pem`` and ``<name>.key``: a client certificate, or the broker's."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        serial = x509.random_serial_number()
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(not_before or _now() - dt.timedelta(minutes=5))
-            .not_valid_after(not_after or _now() + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
-        )
+    def issue(self, common_name: str, *, server: bool = False) -> Identity:
+        """A certificate and key for ``common_name``: the broker's (``server``), the fleet
+        service's (``edgefleet-fleet``), or a device's, made as enrollment makes it."""
+        folder = self.directory / "issued" / common_name
         if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        certificate = builder.sign(self._key, hashes.SHA256())
-        identity = Identity(
-            common_name,
-            self.directory / f"{common_name}.pem",
-            self.directory / f"{common_name}.key",
-        )
-        identity.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        _write_key(identity.key, key)
-        self._serials[common_name] = serial
+            identity = Identity(common_name, folder / "server.pem", folder / "server.key")
+            self.device_ca.issue_server(common_name, identity.key, identity.cert)
+        elif common_name == FLEET_CLIENT_NAME:
+            identity = Identity(common_name, folder / "client.pem", folder / "client.key")
+            self.device_ca.issue_client(common_name, identity.key, identity.cert)
+        else:
+            files = IdentityFiles(folder)
+            create_device_key(folder)
+            certificate = self.device_ca.issue(make_csr(files.key, common_name), common_name)
+            files.certificate.write_bytes(certificate)
+            identity = Identity(common_name, files.certificate, files.key)
         return identity
 
+    def issue_expired(self, common_name: str) -> Identity:
+        """A device certificate from this CA that expired a minute ago. The CA never issues one,
+        so it is made here with the CA's own key."""
+        folder = self.directory / "expired" / common_name
+        files = IdentityFiles(folder)
+        key = load_device_key(create_device_key(folder))
+        ca_key = serialization.load_pem_private_key(
+            (self.directory / "ca.key").read_bytes(), password=None
+        )
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        now = dt.datetime.now(dt.timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.device_ca.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=2))
+            .not_valid_after(now - dt.timedelta(minutes=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        files.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        return Identity(common_name, files.certificate, files.key)
+
     def revoke(self, identity: Identity) -> None:
-        """List the certificate in the next :meth:`crl_pem`."""
-        self._revoked[self._serials[identity.name]] = _now()
+        """List the certificates issued to ``identity``'s name in the next :meth:`crl_pem`."""
+        self.device_ca.revoke(identity.name)
 
     def crl_pem(self) -> bytes:
         """A current CRL; the broker refuses every client when it has none."""
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.certificate.subject)
-            .last_update(_now() - dt.timedelta(minutes=5))
-            .next_update(_now() + dt.timedelta(days=1))
-        )
-        for serial, when in self._revoked.items():
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-            )
-        return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        return self.device_ca.crl_pem()
 
 
 def render_config(template: str, values: Mapping[str, str]) -> str:
@@ -262,7 +211,7 @@ def start_broker(directory: Path, ca: LocalCA) -> Broker:
     data_dir = directory / "data"
     conf_dir.mkdir(parents=True, exist_ok=True)
     data_dir.mkdir(exist_ok=True)
-    server = ca.issue("broker", server=True)
+    server = ca.issue("localhost", server=True)
     shutil.copyfile(ca.cert_path, conf_dir / "ca.pem")
     shutil.copyfile(server.cert, conf_dir / "broker.pem")
     shutil.copyfile(server.key, conf_dir / "broker.key")

@@ -3,7 +3,6 @@ its own topics by the ACL file. Every test runs its own broker on a free port.""
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import time
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.trust.ca import FLEET_CLIENT_NAME
 from tests.e2e.broker import (
     PACKAGING_DIR,
     Broker,
@@ -24,7 +24,7 @@ from tests.e2e.broker import (
 )
 
 ROOT = "edgefleet/v1/devices"
-FLEET = "edgefleet-fleet"
+FLEET = FLEET_CLIENT_NAME  # the name `fleet keys init` gives the fleet service
 NOT_AUTHORIZED = 0x87  # MQTT 5 reason code
 
 
@@ -82,8 +82,7 @@ def test_a_certificate_from_another_ca_is_refused(broker: Broker, tmp_path: Path
 
 
 def test_an_expired_certificate_is_refused(broker: Broker, ca: LocalCA) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
-    expired = ca.issue("device-a", not_before=now - dt.timedelta(days=2), not_after=now)
+    expired = ca.issue_expired("device-a")
     assert connect_outcome(broker, expired)[0] is False, "an expired certificate got in"
     assert handshake_alert(broker, expired) == "SSLV3_ALERT_CERTIFICATE_EXPIRED"
 

@@ -21,7 +21,7 @@ from tuf.api.metadata import Metadata, Root
 from agent.trust.errors import TrustError as AgentTrustError
 from agent.trust.identity import IdentityFiles, create_device_key, make_csr, save_enrollment
 from fleet.errors import EnrollmentError, TrustError
-from fleet.trust.ca import DeviceCA
+from fleet.trust.ca import FLEET_CLIENT_NAME, DeviceCA
 from fleet.trust.enroll import EnrollmentTokens, enroll
 
 
@@ -86,6 +86,18 @@ def test_bad_requests_are_refused_with_a_reason(ca: DeviceCA) -> None:
     assert caught.value.reason == "bad_csr"
     with pytest.raises(EnrollmentError, match="not a valid device id"):
         ca.issue(_csr("dev-1"), "dev/1")
+
+
+def test_no_device_can_take_the_fleet_services_name(ca: DeviceCA, tmp_path: Path) -> None:
+    # The broker's ACL gives this name every topic: a device holding it would control the fleet.
+    with pytest.raises(EnrollmentError, match="fleet service's own name") as caught:
+        ca.issue(_csr(FLEET_CLIENT_NAME), FLEET_CLIENT_NAME)
+    assert caught.value.reason == "bad_device_id"
+    with pytest.raises(EnrollmentError, match="fleet service's own name"):
+        EnrollmentTokens(tmp_path / "tokens.db").create(FLEET_CLIENT_NAME)
+    assert ca.revoked() == frozenset()  # nothing was issued to it
+    with pytest.raises(TrustError, match="no certificate was ever issued"):
+        ca.revoke(FLEET_CLIENT_NAME)
 
 
 def test_a_revoked_device_appears_in_the_crl(ca: DeviceCA) -> None:

@@ -29,6 +29,12 @@ def test_out_of_range_and_nan_land_in_under_and_overflow() -> None:
     assert counts.sum() == 5
 
 
+def test_a_constant_feature_keeps_its_reference_apart_from_under_and_overflow() -> None:
+    bins = reference_bins(np.full(50, 3.0), name="x", tensor="x", column=0)
+    assert bins.counts == (0, 50, 0)
+    np.testing.assert_array_equal(count(np.array([2.0, 3.0, 4.0]), bins), [1, 1, 1])
+
+
 def test_integer_outputs_with_few_values_are_categories_with_an_other_bin() -> None:
     labels = RNG.integers(0, 10, size=500)
     bins = reference_bins(labels, name="label", tensor="label", column=None)
@@ -89,5 +95,9 @@ def test_bad_reference_data_is_named() -> None:
         psi([1, 2, 3], [1, 2])
     with pytest.raises(ProtocolError, match="empty histogram"):
         psi([0, 0], [1, 1])
-    with pytest.raises(ValueError, match="3 counts for 2 bins"):
-        FeatureBins(name="x", tensor="x", edges=(1.0,), counts=(1, 2, 3))
+    with pytest.raises(ValueError, match="3 counts for 4 bins"):
+        FeatureBins(name="x", tensor="x", edges=(1.0, 2.0, 3.0), counts=(1, 2, 3))
+    with pytest.raises(ValueError, match="at least two edges"):
+        FeatureBins(name="x", tensor="x", edges=(1.0,), counts=(1, 2))
+    with pytest.raises(ValueError, match="need a category"):
+        FeatureBins(name="x", tensor="x", kind="categorical", counts=(1,))
