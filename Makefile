@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,openvino,litert,export,export-torch
+EXTRAS ?= dev,fleet,openvino,litert,export,export-torch
 
 .PHONY: run test check lint format bench clean lock
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["EnrollmentError", "FleetError", "KeyFileError", "RepositoryError", "TrustError"]
+__all__ = [
+    "EnrollmentError",
+    "FleetError",
+    "KeyFileError",
+    "RepositoryError",
+    "StoreError",
+    "TrustError",
+    "UnknownDeviceError",
+]
 
 
 class FleetError(Exception):
@@ -31,3 +39,11 @@ class RepositoryError(TrustError):
 
 class EnrollmentError(TrustError):
     """An enrollment token or request was refused (unknown, used, expired, mismatched)."""
+
+
+class StoreError(FleetError):
+    """The fleet database could not be opened, read or written; the message says why."""
+
+
+class UnknownDeviceError(FleetError):
+    """No device with that id is in the registry."""

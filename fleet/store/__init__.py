@@ -1,0 +1,30 @@
+"""The fleet's store: SQLite (WAL) behind repositories, one per aggregate.
+
+Callers hold a :class:`Store` and use its repositories; nothing outside ``fleet/store`` writes
+SQL, so a PostgreSQL adapter is a new package behind the same repository methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fleet.store.db import Database, connect
+from fleet.store.devices import Device, DeviceHealth, Devices, Selector
+
+__all__ = ["Device", "DeviceHealth", "Devices", "Selector", "Store", "open_store"]
+
+
+class Store:
+    """Every repository over one database connection."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.devices = Devices(db)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+
+def open_store(path: Path | str) -> Store:
+    """Open (and migrate) the fleet database at ``path``; ``":memory:"`` for a throwaway one."""
+    return Store(connect(path))

@@ -1,0 +1,128 @@
+"""The fleet database's schema, as an ordered list of migrations.
+
+A migration is applied once, in order, inside one transaction, and its number recorded in
+``schema_migrations``. Never edit a migration that has shipped: add the next one. Times are
+ISO 8601 UTC text; JSON columns hold documents the repositories parse with pydantic.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS"]
+
+_INITIAL = """
+CREATE TABLE devices (
+    id              TEXT PRIMARY KEY,
+    enrolled_at     TEXT,
+    first_seen      TEXT,
+    last_seen       TEXT,
+    connection      TEXT NOT NULL DEFAULT 'never',  -- never | online | offline | lost
+    agent_version   TEXT,
+    state           TEXT,                           -- last AgentState message, JSON
+    trust_status    TEXT,
+    desired_seq     INTEGER NOT NULL DEFAULT 0,     -- last director sequence issued
+    desired         TEXT                            -- last signed desired state, JSON
+);
+
+CREATE TABLE device_labels (
+    device_id  TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    kind       TEXT NOT NULL CHECK (kind IN ('group', 'tag')),
+    value      TEXT NOT NULL,
+    PRIMARY KEY (device_id, kind, value)
+);
+CREATE INDEX device_labels_by_value ON device_labels (kind, value);
+
+CREATE TABLE model_versions (
+    name          TEXT NOT NULL,
+    version       TEXT NOT NULL,
+    target_path   TEXT NOT NULL UNIQUE,
+    sha256        TEXT NOT NULL,
+    length        INTEGER NOT NULL,
+    runtime       TEXT NOT NULL,
+    release       INTEGER NOT NULL,
+    manifest      TEXT NOT NULL,                    -- the bundle's manifest, JSON
+    published_at  TEXT NOT NULL,
+    published_by  TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+
+CREATE TABLE rollouts (
+    id               TEXT PRIMARY KEY,
+    model            TEXT NOT NULL,
+    version          TEXT NOT NULL,
+    selector         TEXT NOT NULL,                 -- {"groups": [...], "tags": [...]}, JSON
+    policy           TEXT NOT NULL,                 -- waves, soak, deadline, gates ..., JSON
+    state            TEXT NOT NULL,
+    wave             INTEGER NOT NULL DEFAULT 0,    -- index of the current wave
+    phase            TEXT,                          -- where the current wave stands
+    phase_started_at TEXT,
+    reason           TEXT,                          -- why it paused, failed or was aborted
+    superseded_by    TEXT REFERENCES rollouts(id),
+    created_at       TEXT NOT NULL,
+    created_by       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL,
+    FOREIGN KEY (model, version) REFERENCES model_versions(name, version)
+);
+CREATE INDEX rollouts_by_state ON rollouts (state);
+
+CREATE TABLE rollout_waves (
+    rollout_id   TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+    idx          INTEGER NOT NULL,
+    percent      REAL NOT NULL,
+    state        TEXT NOT NULL,                     -- pending | publishing | ... | passed | failed
+    started_at   TEXT,
+    finished_at  TEXT,
+    gates        TEXT,                              -- the last gate results, JSON
+    PRIMARY KEY (rollout_id, idx)
+);
+
+CREATE TABLE assignments (
+    rollout_id        TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+    device_id         TEXT NOT NULL REFERENCES devices(id),
+    wave              INTEGER NOT NULL,
+    previous_version  TEXT,                         -- what the device ran before the rollout
+    seq               INTEGER,                      -- the desired state published for it
+    status            TEXT NOT NULL,                -- pending | published | <update stage> | ...
+    reason            TEXT,
+    detail            TEXT,
+    probation         TEXT,                         -- the device's probation reports, JSON
+    updated_at        TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX assignments_by_device ON assignments (device_id);
+CREATE INDEX assignments_by_wave ON assignments (rollout_id, wave, status);
+
+CREATE TABLE update_log (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id   TEXT NOT NULL,
+    seq         INTEGER,
+    rollout_id  TEXT,
+    stage       TEXT NOT NULL,
+    reason      TEXT,
+    detail      TEXT,
+    at          TEXT NOT NULL
+);
+CREATE INDEX update_log_by_device ON update_log (device_id, id);
+
+CREATE TABLE audit (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       TEXT NOT NULL,
+    actor    TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    subject  TEXT NOT NULL,
+    detail   TEXT                                   -- JSON
+);
+
+CREATE TABLE api_tokens (
+    id            TEXT PRIMARY KEY,                 -- short public id, shown in lists
+    name          TEXT NOT NULL,
+    role          TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+    token_sha256  TEXT NOT NULL UNIQUE,
+    created_at    TEXT NOT NULL,
+    created_by    TEXT NOT NULL,
+    last_used_at  TEXT,
+    revoked_at    TEXT
+);
+"""
+
+# Index 0 is migration 1. Each entry is SQL run as one script inside a transaction.
+MIGRATIONS: tuple[str, ...] = (_INITIAL,)
