@@ -4,27 +4,38 @@ given on the command line, and files written for other hosts to read."""
 from __future__ import annotations
 
 import re
+import socket
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import click
 from pydantic import ValidationError
 
 from agent.files import atomic_write
+from fleet.errors import TrustError
 from fleet.trust.settings import FleetTrustSettings
 
-__all__ = ["fleet_settings", "parse_duration", "write_file"]
+__all__ = ["bind_socket", "fleet_settings", "parse_duration", "write_file"]
 
 
-def fleet_settings(ctx: click.Context, **flags: Any) -> FleetTrustSettings:
+S = TypeVar("S", bound=FleetTrustSettings)
+
+
+@overload
+def fleet_settings(ctx: click.Context, **flags: Any) -> FleetTrustSettings: ...
+@overload
+def fleet_settings(ctx: click.Context, settings_type: type[S], **flags: Any) -> S: ...
+def fleet_settings(
+    ctx: click.Context, settings_type: type[FleetTrustSettings] = FleetTrustSettings, **flags: Any
+) -> FleetTrustSettings:
     """Flags win over EDGEFLEET_FLEET_* variables; ``--home`` comes from the ``fleet`` group."""
     given = {k: v for k, v in flags.items() if v is not None}
     home = ctx.find_root().meta.get("edgefleet.fleet.home")
     if home is not None:
         given["home"] = home
     try:
-        return FleetTrustSettings(**given)
+        return settings_type(**given)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
@@ -49,3 +60,19 @@ def write_file(path: Path, data: bytes, *, mode: int) -> None:
     """Write ``data`` atomically with ``mode``, creating the folder if it is missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data, mode=mode)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket bound to ``host:port`` (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise TrustError(
+            f"cannot listen on {host}:{port}: {e.strerror}; pick another --port",
+            reason="bind",
+        ) from e
+    return sock

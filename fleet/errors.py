@@ -6,10 +6,13 @@ __all__ = [
     "EnrollmentError",
     "FleetError",
     "KeyFileError",
+    "LinkError",
     "RepositoryError",
     "StoreError",
     "TrustError",
     "UnknownDeviceError",
+    "UnknownModelError",
+    "VersionConflictError",
 ]
 
 
@@ -47,3 +50,15 @@ class StoreError(FleetError):
 
 class UnknownDeviceError(FleetError):
     """No device with that id is in the registry."""
+
+
+class UnknownModelError(FleetError):
+    """No such model version is published."""
+
+
+class VersionConflictError(FleetError):
+    """A model version is already published with other bytes."""
+
+
+class LinkError(FleetError):
+    """The fleet's MQTT connection could not be made or used; the message says what to check."""

@@ -20,6 +20,9 @@ from tests.models import failing_onnx, mlp_onnx
 
 T = TypeVar("T")
 
+# `plain_broker`: a real anonymous Mosquitto on loopback (tests/mqtt_support.py).
+pytest_plugins = ["tests.mqtt_support"]
+
 
 class RunningAgent:
     """Runs ``serve()`` on its own thread and event loop, as the CLI does in a process."""

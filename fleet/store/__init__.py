@@ -10,8 +10,18 @@ from pathlib import Path
 
 from fleet.store.db import Database, connect
 from fleet.store.devices import Device, DeviceHealth, Devices, Selector
+from fleet.store.models import ModelVersion, ModelVersions
 
-__all__ = ["Device", "DeviceHealth", "Devices", "Selector", "Store", "open_store"]
+__all__ = [
+    "Device",
+    "DeviceHealth",
+    "Devices",
+    "ModelVersion",
+    "ModelVersions",
+    "Selector",
+    "Store",
+    "open_store",
+]
 
 
 class Store:
@@ -20,6 +30,7 @@ class Store:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.devices = Devices(db)
+        self.models = ModelVersions(db)
 
     def close(self) -> None:
         self.db.conn.close()

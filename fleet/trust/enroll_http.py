@@ -17,7 +17,7 @@ import base64
 import contextlib
 import fcntl
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from protocol.enrollment import MAX_ENROLL_BODY, EnrollRequest, EnrollResponse
 __all__ = [
     "director_public_pem",
     "fleet_trust_app",
+    "load_director_key",
     "open_repository",
     "repository_lock",
 ]
@@ -91,8 +92,8 @@ def open_repository(settings: FleetTrustSettings) -> ImageRepository:
     return ImageRepository.open(settings.repository_dir, online)
 
 
-def director_public_pem(key_path: Path) -> bytes:
-    """The PEM public key of the director's Ed25519 private key file."""
+def load_director_key(key_path: Path) -> Ed25519PrivateKey:
+    """The director's Ed25519 private key from its PEM file."""
     try:
         private = load_pem_private_key(key_path.read_bytes(), password=None)
     except OSError as e:
@@ -107,7 +108,13 @@ def director_public_pem(key_path: Path) -> bytes:
         ) from e
     if not isinstance(private, Ed25519PrivateKey):
         raise TrustError(f"the director key {key_path} must be Ed25519", reason="invalid")
-    return private.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    return private
+
+
+def director_public_pem(key_path: Path) -> bytes:
+    """The PEM public key of the director's Ed25519 private key file."""
+    public = load_director_key(key_path).public_key()
+    return public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
 
 
 def _refusal(message: str, reason: str, status: int) -> JSONResponse:
@@ -129,10 +136,14 @@ async def _body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
-def fleet_trust_app(settings: FleetTrustSettings) -> Starlette:
+def fleet_trust_app(
+    settings: FleetTrustSettings, *, on_enrolled: Callable[[str], None] | None = None
+) -> Starlette:
     """The trust service: ``/metadata/*`` and ``/targets/*`` (TUF, Range for bundles) and
     ``POST /enroll``. Opens the repository, the CA and the token database now, so a missing
-    key or an uninitialised home is reported at start and not at the first request."""
+    key or an uninitialised home is reported at start and not at the first request.
+    ``on_enrolled(device_id)`` is called after each enrollment (the fleet registers the device).
+    """
     repository = open_repository(settings)
     ca = DeviceCA.open(settings.ca_dir)
     tokens = EnrollmentTokens(settings.tokens_db)
@@ -180,6 +191,12 @@ def fleet_trust_app(settings: FleetTrustSettings) -> Starlette:
             log.error("enrollment failed", extra={"detail": str(e)})
             return _refusal(f"the fleet cannot enroll devices right now: {e}", "unavailable", 503)
         log.info("device enrolled", extra={"device_id": bundle.device_id})
+        if on_enrolled is not None:
+            try:
+                on_enrolled(bundle.device_id)
+            except FleetError as e:
+                # The certificate is issued; the registry hears of the device at its first state.
+                log.error("recording the enrollment failed", extra={"detail": str(e)})
         body = _response(bundle, settings).model_dump(mode="json", by_alias=True)
         return JSONResponse(body)
 

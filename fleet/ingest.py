@@ -1,0 +1,101 @@
+"""What devices say, taken in: ``state`` into the registry, ``update`` into the rollouts,
+``events`` into the log.
+
+Nothing a device sends can stop the service: a message on an unexpected topic, too large, not
+JSON, of the wrong schema, or naming another device than its topic is logged with its reason,
+counted in :attr:`DeviceMessages.rejected`, and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Protocol
+
+from fleet.errors import FleetError
+from fleet.link import Incoming
+from fleet.store import Store
+from protocol.mqtt import AgentState, DeviceEvent, MessageError, Topics, UpdateProgress, decode
+
+__all__ = ["DeviceMessages", "UpdateSink"]
+
+log = logging.getLogger(__name__)
+
+
+class UpdateSink(Protocol):
+    """Whoever follows desired states through their stages: the rollout engine."""
+
+    def on_update(self, progress: UpdateProgress) -> None: ...
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class DeviceMessages:
+    """The handler the fleet's MQTT link calls with each batch of device messages."""
+
+    def __init__(
+        self,
+        store: Store,
+        updates: UpdateSink,
+        topics: Topics,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self._store = store
+        self._updates = updates
+        self._topics = topics
+        self._clock = clock
+        self.rejected: Counter[str] = Counter()
+        self.accepted: Counter[str] = Counter()
+
+    async def __call__(self, batch: Sequence[Incoming]) -> None:
+        now = self._clock()
+        heard: set[str] = set()
+        for message in batch:
+            try:
+                kind, device_id = self._take(message, now)
+            except MessageError as e:
+                self._reject(message.topic, e.reason, str(e))
+            except FleetError as e:
+                # The store refused (e.g. an update for a device never enrolled).
+                self._reject(message.topic, "refused", str(e))
+            else:
+                self.accepted[kind] += 1
+                heard.add(device_id)
+        if heard:
+            self._store.devices.seen(heard, now)
+
+    def _take(self, message: Incoming, now: datetime) -> tuple[str, str]:
+        topic = self._topics.parse(message.topic)
+        device_id = topic.device_id
+        if topic.kind == "state":
+            state = decode(AgentState, message.payload, device_id=device_id)
+            self._store.devices.observe_state(state, now)
+        elif topic.kind == "update":
+            self._updates.on_update(decode(UpdateProgress, message.payload, device_id=device_id))
+        elif topic.kind == "events":
+            event = decode(DeviceEvent, message.payload, device_id=device_id)
+            log.info(
+                "device event",
+                extra={
+                    "device": device_id,
+                    "event": event.kind,
+                    "model": event.model,
+                    "detail": event.detail,
+                },
+            )
+        else:
+            # Subscribed to state, update and events only; anything else is a broker mix-up.
+            raise MessageError(f"the fleet does not read {topic.kind} messages", reason="topic")
+        return topic.kind, device_id
+
+    def _reject(self, topic: str, reason: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        log.warning(
+            "device message ignored",
+            extra={"topic": topic[:200], "reason": reason, "detail": detail},
+        )

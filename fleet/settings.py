@@ -1,0 +1,57 @@
+"""Settings of the fleet service (``edgefleet fleet serve``): the trust settings plus the store,
+the broker link, the rollout loop and the API. Each field has an ``EDGEFLEET_FLEET_`` variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from fleet.trust.settings import FleetTrustSettings
+from protocol.mqtt import DEFAULT_ROOT
+
+__all__ = ["FleetSettings"]
+
+
+class FleetSettings(FleetTrustSettings):
+    """Everything ``fleet serve`` reads; the trust fields (home, host, port, URLs) included."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_FLEET_", frozen=True, extra="forbid")
+
+    database: Path | None = Field(
+        default=None, description="the fleet database (default: <home>/fleet.sqlite)"
+    )
+    embedded_broker: bool = Field(
+        default=False,
+        description="run an MQTT broker inside the service (one machine, loopback, no TLS)",
+    )
+    embedded_broker_port: int = Field(
+        default=1883, ge=0, le=65535, description="port of the embedded broker"
+    )
+    service_broker_url: str = Field(
+        default="",
+        description="the broker the service itself connects to (default: broker_url)",
+    )
+    topic_root: str = Field(default=DEFAULT_ROOT, description="MQTT topic root")
+    tick_s: float = Field(default=0.5, gt=0, description="seconds between rollout steps")
+    device_timeout_s: float = Field(
+        default=90.0, gt=0, description="seconds of silence after which a device is 'unknown'"
+    )
+    desired_validity_h: float = Field(
+        default=720.0, gt=0, description="hours a signed desired state stays valid"
+    )
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> FleetSettings:
+        # Frozen model: derived defaults are set once here, through object.__setattr__.
+        if self.embedded_broker and "broker_url" not in self.model_fields_set:
+            object.__setattr__(self, "broker_url", f"mqtt://127.0.0.1:{self.embedded_broker_port}")
+        if not self.service_broker_url:
+            object.__setattr__(self, "service_broker_url", self.broker_url)
+        return self
+
+    @property
+    def database_path(self) -> Path:
+        return self.database if self.database is not None else self.home / "fleet.sqlite"
