@@ -51,6 +51,7 @@ class DeviceMessages:
         self._clock = clock
         self.rejected: Counter[str] = Counter()
         self.accepted: Counter[str] = Counter()
+        self._repeated: dict[str, tuple[int | None, str]] = {}  # device -> last (seq, stage) seen
 
     async def __call__(self, batch: Sequence[Incoming]) -> None:
         now = self._clock()
@@ -75,8 +76,17 @@ class DeviceMessages:
         if topic.kind == "state":
             state = decode(AgentState, message.payload, device_id=device_id)
             self._store.devices.observe_state(state, now)
+            last = state.update
+            if last is not None and self._repeated.get(device_id) != (last.seq, last.stage):
+                # The retained state repeats the last progress: a fleet that missed the update
+                # message (a restart without its session) still learns how it ended. Once per
+                # step, not at every heartbeat.
+                self._repeated[device_id] = (last.seq, last.stage)
+                self._updates.on_update(last)
         elif topic.kind == "update":
-            self._updates.on_update(decode(UpdateProgress, message.payload, device_id=device_id))
+            progress = decode(UpdateProgress, message.payload, device_id=device_id)
+            self._repeated[device_id] = (progress.seq, progress.stage)
+            self._updates.on_update(progress)
         elif topic.kind == "events":
             event = decode(DeviceEvent, message.payload, device_id=device_id)
             log.info(

@@ -131,6 +131,9 @@ class FleetLink:
                 self._client.connect, address.host, address.port, self._keepalive
             )
         except (OSError, ssl.SSLError) as e:
+            # paho leaves its wake-up socket pair open after a failed connect and offers no
+            # public way to close it; the link is unusable now, so release it here.
+            self._client._reset_sockets()  # noqa: SLF001
             raise LinkError(
                 f"cannot reach the MQTT broker at {address.host}:{address.port}: {e}; start the "
                 "broker (or pass --embedded-broker) and check --broker-url"
@@ -146,6 +149,9 @@ class FleetLink:
             ) from None
 
     async def close(self) -> None:
+        if self._loop is None:  # never started
+            self._client._reset_sockets()  # noqa: SLF001 - see start()
+            return
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
         if self._drain_task is not None:

@@ -96,10 +96,13 @@ async def test_desired_states_are_signed_retained_and_numbered_per_device(
 ) -> None:
     for device in ("cam-1", "cam-2"):
         fleet.store.devices.enrolled(device, NOW)
+    watcher = await asyncio.to_thread(Subscriber, plain_broker, TOPICS.every_device("desired"))
     first = await fleet.director.publish({"cam-1": TARGET, "cam-2": TARGET}, "r-1")
     second = await fleet.director.publish({"cam-1": TARGET}, "r-2")
     assert first == {"cam-1": 1, "cam-2": 1}
     assert second == {"cam-1": 2}
+    await asyncio.to_thread(watcher.wait_for, 3)  # all three are at the broker now
+    watcher.close()
 
     # A device connecting later gets the retained document: the newest one for it only.
     late = await asyncio.to_thread(Subscriber, plain_broker, TOPICS.desired("cam-1"))
@@ -211,7 +214,7 @@ async def test_an_unreachable_broker_is_a_clear_error() -> None:
         await link.start()
 
 
-def test_tls_broker_without_a_client_certificate_is_refused_early() -> None:
+async def test_tls_broker_without_a_client_certificate_is_refused_early() -> None:
     with pytest.raises(LinkError, match="no client certificate"):
         FleetLink("mqtts://127.0.0.1:8883", TOPICS, RecordingUpdatesHandler())
     with pytest.raises(LinkError, match="must look like"):
