@@ -133,7 +133,7 @@ class FleetLink:
         except (OSError, ssl.SSLError) as e:
             # paho leaves its wake-up socket pair open after a failed connect and offers no
             # public way to close it; the link is unusable now, so release it here.
-            self._client._reset_sockets()  # noqa: SLF001
+            self._client._reset_sockets()
             raise LinkError(
                 f"cannot reach the MQTT broker at {address.host}:{address.port}: {e}; start the "
                 "broker (or pass --embedded-broker) and check --broker-url"
@@ -150,7 +150,7 @@ class FleetLink:
 
     async def close(self) -> None:
         if self._loop is None:  # never started
-            self._client._reset_sockets()  # noqa: SLF001 - see start()
+            self._client._reset_sockets()  # see start()
             return
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)

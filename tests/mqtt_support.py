@@ -7,6 +7,7 @@ Mosquitto missing is a failure, never a skip: CI installs it (see .ci/run).
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import signal
 import socket
@@ -55,6 +56,9 @@ class PlainBroker:
         self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / "mosquitto.conf"
         conf.write_text(
+            # Run as the test's user: as root Mosquitto would switch to `mosquitto` and then
+            # fail to write its persistence file into the test's folder.
+            f"user {getpass.getuser()}\n"
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {self.directory}/\nmax_queued_messages 100000\n"
             "log_dest stderr\n"
