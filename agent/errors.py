@@ -12,6 +12,7 @@ __all__ = [
     "DeviceUnavailableError",
     "InferenceError",
     "InvalidRequestError",
+    "LinkError",
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotReadyError",
@@ -85,3 +86,7 @@ class SelfTestError(ModelLoadError):
 
 class StoreError(AgentError):
     """The on-disk model store refused an operation."""
+
+
+class LinkError(AgentError):
+    """The link to the fleet's MQTT broker could not be set up, or refused a message."""

@@ -1,10 +1,13 @@
-"""Prometheus metrics of one agent, in a registry of its own (no process-wide singletons)."""
+"""Prometheus metrics of one agent, in a registry of its own (no process-wide singletons), and
+the per-version request windows that probation reads."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from agent.windows import VersionWindows
 
 __all__ = ["AgentMetrics"]
 
@@ -18,6 +21,8 @@ class AgentMetrics:
     """Every metric the agent exports on ``/metrics``."""
 
     def __init__(self) -> None:
+        # Not exported: probation cuts windows from these, Prometheus keeps its own counters.
+        self.windows = VersionWindows()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -22,6 +22,7 @@ from agent.settings import AgentSettings
 from agent.store import InstalledModel, ModelStore
 from edgefleet import __version__
 from protocol.manifest import Manifest
+from protocol.mqtt import ProbationReport
 
 __all__ = [
     "Agent",
@@ -55,13 +56,14 @@ class ModelStatus(BaseModel):
 
 
 class UpdateReport(BaseModel):
-    """How the last desired state ended: committed, refused (and why) or failed."""
+    """How the last desired state ended: committed, refused, failed or rolled back (and why)."""
 
     seq: int | None
     status: str
     reason: str | None
     detail: str
     models: list[str]
+    probation: list[ProbationReport] = []
 
 
 class TrustReport(BaseModel):
@@ -216,24 +218,51 @@ class Agent:
         )
         return ModelRunner(manifest, resolution, self.settings.runner_config(), observe)
 
-    async def update(self, bundle: Path) -> ModelRunner:
-        """Install a new version and swap it in while traffic flows; the old one drains."""
-        installed = await asyncio.to_thread(self.store.install, bundle)
-        runner = await self.load(installed)
-        served = self.models.get(installed.name)
+    async def install(self, bundle: Path) -> InstalledModel:
+        """Verify and unpack a bundle into the store (off the loop); it is not activated."""
+        return await asyncio.to_thread(self.store.install, bundle)
+
+    async def switch(self, runner: ModelRunner) -> None:
+        """Serve a loaded, self-tested version from now on and make it the store's active one.
+
+        The old version drains before it is unloaded: requests in flight finish on it.
+        """
+        served = self.models.get(runner.name)
         if served is None:
-            self.models[installed.name] = ServedModel(
-                installed.name,
+            self.models[runner.name] = ServedModel(
+                runner.name,
                 self.settings.serving_config(),
                 self.metrics,
                 primary=runner,
-                fallback=self._fallback_for(installed.manifest),
+                fallback=self._fallback_for(runner.manifest),
             )
         else:
             await served.swap(runner)
-        await asyncio.to_thread(self.store.activate, installed.name, installed.version)
-        self.failed.pop(installed.name, None)
+        await asyncio.to_thread(self.store.activate, runner.name, runner.version)
+        self.failed.pop(runner.name, None)
+
+    async def update(self, bundle: Path) -> ModelRunner:
+        """Install a new version and swap it in while traffic flows; the old one drains."""
+        runner = await self.load(await self.install(bundle))
+        await self.switch(runner)
         return runner
+
+    async def activate(self, name: str, version: str) -> ModelRunner:
+        """Serve an installed version again (a rollback): check its files, load, swap it in."""
+        installed = await asyncio.to_thread(self.store.verify, name, version)
+        runner = await self.load(installed)
+        try:
+            await self.switch(runner)
+        except AgentError:
+            if self.models.get(name) is None or self.models[name].primary is not runner:
+                runner.close()
+            raise
+        return runner
+
+    def serving_version(self, name: str) -> str | None:
+        """The version the primary of ``name`` runs, or None when none is loaded."""
+        served = self.models.get(name)
+        return served.primary.version if served is not None and served.primary else None
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         served = self.models.get(name)

@@ -3,12 +3,15 @@
 Requests go to the primary under a deadline. If the primary is not loaded, raises, misses its
 deadline, or its circuit is open, the fallback answers and the answer says so. A new version is
 swapped in only after it loaded, warmed up and passed its self-test; the old one drains first.
+Each request is also counted against the primary's version (answered with its latency, failed,
+answered by the fallback) so that probation can compare a new version with the one before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from agent.errors import (
 )
 from agent.metrics import AgentMetrics
 from agent.runner import ModelRunner
+from agent.windows import VersionCounter
 from protocol.manifest import TensorSpec
 
 __all__ = ["Answer", "ServedModel", "ServingConfig", "check_fallback_compatible"]
@@ -78,6 +82,7 @@ class ServedModel:
         self._cache: OrderedDict[bytes, Answer] = OrderedDict()
         self._latency = metrics.request_seconds.labels(name)
         self._answered = self._answered_by(primary)
+        self._window = self._window_of(primary)
         self._circuit_gauge = metrics.circuit_open.labels(name)
         self._circuit_was_open = False
 
@@ -98,6 +103,12 @@ class ServedModel:
             return None
         return self._metrics.requests.labels(self.name, primary.version, "false")
 
+    def _window_of(self, primary: ModelRunner | None) -> VersionCounter | None:
+        """The primary's probation counter, looked up once per version like its Counter."""
+        if primary is None:
+            return None
+        return self._metrics.windows.counter(self.name, primary.version)
+
     def observe_latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
 
@@ -115,7 +126,7 @@ class ServedModel:
 
     async def _infer(self, inputs: Mapping[str, np.ndarray], rows: int) -> Answer:
         # Taken together: a swap during this request must not move its count to the new version.
-        primary, answered = self.primary, self._answered
+        primary, answered, window = self.primary, self._answered, self._window
         error: AgentError
         if primary is None:
             reason = "primary_not_loaded"
@@ -124,24 +135,31 @@ class ServedModel:
             # Without a fallback an open circuit would only turn requests away.
             reason = "circuit_open"
             error = ModelNotReadyError(f"model {self.name!r} is failing; its circuit is open")
+            # Its own failures opened the circuit: for probation the version failed this one too.
+            assert window is not None  # set with every primary
+            window.failed(time.perf_counter())
         else:
+            started = time.perf_counter()
             try:
                 outputs = await primary.run(inputs, rows, self.config.deadline)
             except OverloadedError:
                 raise  # a full queue is back-pressure, not a model failure
             except DeadlineExceededError as e:
                 reason, error = "deadline", e
-                self._record_failure(reason)
+                self._record_failure(reason, window)
             except AgentError as e:
                 reason, error = "error", e
-                self._record_failure(reason)
+                self._record_failure(reason, window)
             else:
+                finished = time.perf_counter()
                 self.circuit.record_success()
                 if self._circuit_was_open:
                     self._circuit_was_open = False
                     self._circuit_gauge.set(0)
                 assert answered is not None  # set with every primary
+                assert window is not None
                 answered.inc()
+                window.answered(finished - started, finished)
                 return Answer(outputs, primary.manifest.outputs, self.name, primary.version, False)
         fallback = self.fallback
         if fallback is None:
@@ -150,12 +168,16 @@ class ServedModel:
         outputs = await fallback.run(inputs, rows, self.config.deadline)
         self._metrics.fallbacks.labels(self.name, reason).inc()
         self._metrics.requests.labels(fallback.name, fallback.version, "true").inc()
+        if window is not None:
+            window.fell_back()
         return Answer(
             outputs, fallback.manifest.outputs, fallback.name, fallback.version, True, reason
         )
 
-    def _record_failure(self, reason: str) -> None:
+    def _record_failure(self, reason: str, window: VersionCounter | None) -> None:
         self._metrics.failures.labels(self.name, reason).inc()
+        if window is not None:
+            window.failed(time.perf_counter())
         self.circuit.record_failure()
         if self.circuit.state is CircuitState.OPEN:
             self._circuit_was_open = True
@@ -172,6 +194,7 @@ class ServedModel:
             )
         old, self.primary = self.primary, runner
         self._answered = self._answered_by(runner)
+        self._window = self._window_of(runner)
         self.load_error = None
         self.circuit.record_success()
         self._cache.clear()

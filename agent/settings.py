@@ -14,6 +14,7 @@ from agent.errors import ModelLoadError
 from agent.runner import RunnerConfig
 from agent.runtimes.base import RuntimeOptions
 from agent.serving import ServingConfig
+from protocol.mqtt import DEFAULT_ROOT
 
 __all__ = ["AgentSettings", "default_state_dir"]
 
@@ -66,6 +67,59 @@ class AgentSettings(BaseSettings):
     max_body_mb: float = Field(default=64.0, gt=0, description="largest request body, MiB")
     keep_previous: int = Field(default=2, ge=0, description="old versions kept on disk")
     drain_s: float = Field(default=10.0, ge=0, description="s to finish in-flight work")
+    # The update lifecycle: a deadline per stage, then probation of the new version.
+    refresh_deadline_s: float = Field(
+        default=60.0, gt=0, description="s to refresh trust metadata for a desired state"
+    )
+    download_deadline_s: float = Field(
+        default=1800.0, gt=0, description="s to download every bundle of a desired state"
+    )
+    verify_deadline_s: float = Field(
+        default=300.0, gt=0, description="s to verify and unpack the downloaded bundles"
+    )
+    load_deadline_s: float = Field(
+        default=300.0, gt=0, description="s to load, self-test and warm up the new versions"
+    )
+    probation_s: float = Field(
+        default=30.0, ge=0, description="s a new version is watched before commit; 0 = none"
+    )
+    probation_requests: int = Field(
+        default=200, ge=1, description="requests after which probation ends early"
+    )
+    probation_min_requests: int = Field(
+        default=20, ge=1, description="requests probation needs to judge; with fewer it commits"
+    )
+    probation_max_error_increase: float = Field(
+        default=0.02, ge=0, le=1, description="error-rate rise over the previous version (0.02 = "
+        "2 points) that rolls back"
+    )  # fmt: skip
+    probation_max_fallback_increase: float = Field(
+        default=0.02, ge=0, le=1, description="fallback-rate rise over the previous version "
+        "that rolls back"
+    )  # fmt: skip
+    probation_max_latency_ratio: float = Field(
+        default=1.5, ge=1, description="p95 latency over the previous version's that rolls back"
+    )
+    probation_min_latency_ms: float = Field(
+        default=1.0, ge=0, description="ms; smaller p95 latency increases never roll back"
+    )
+    # The link to the fleet's MQTT broker (when this device is enrolled).
+    fleet_link: bool = Field(
+        default=True, description="connect to the fleet's broker when the device is enrolled"
+    )
+    broker_url: str | None = Field(
+        default=None,
+        pattern=r"^mqtts?://",
+        description="the fleet's broker, mqtts://host:8883 or mqtt://host:1883 (default: the "
+        "one given at enrollment)",
+    )
+    topic_root: str = Field(default=DEFAULT_ROOT, description="MQTT topic root")
+    mqtt_keepalive_s: int = Field(
+        default=30, ge=1, le=65535, description="s between MQTT keepalive pings"
+    )
+    state_interval_s: float = Field(
+        default=30.0, gt=0, description="s between state heartbeats to the fleet"
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

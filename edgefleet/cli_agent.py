@@ -13,6 +13,13 @@ from pydantic import ValidationError
 
 from agent.client import AgentClient
 from agent.http.server import Listeners, bind_listeners, serve
+from agent.managed import (
+    FleetEnrollment,
+    ManagedDevice,
+    is_enrolled,
+    link_config,
+    start_managed,
+)
 from agent.selftest import make_inputs
 from agent.service import Agent
 from agent.settings import AgentSettings, default_state_dir
@@ -82,8 +89,20 @@ def _settings(**flags: Any) -> AgentSettings:
     "--log-format", type=click.Choice(["text", "json"]), help="Log format [default: text]."
 )
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--broker",
+    "broker_url",
+    help="The fleet's MQTT broker, mqtts://host:8883 or mqtt://host:1883 [default: the one "
+    "given at enrollment]. The device must be enrolled.",
+)
+@click.option(
+    "--no-fleet",
+    is_flag=True,
+    help="Do not connect to the fleet even though this device is enrolled: serve local models "
+    "only and take no updates.",
+)
 @reported
-def serve_command(**flags: Any) -> None:
+def serve_command(no_fleet: bool, **flags: Any) -> None:
     """Install bundles into the local store and serve them.
 
     \b
@@ -97,15 +116,47 @@ def serve_command(**flags: Any) -> None:
       edgefleet agent serve            # after a restart: serve what the store has active
 
     \b
+    An enrolled device (see `edgefleet agent enroll`) also connects to its fleet's MQTT
+    broker: it reports its state and takes signed updates. --no-fleet turns that off.
+
+    \b
     Then try:
       curl -s localhost:8470/v2/models/digits
       edgefleet agent status
       edgefleet agent infer digits --random
     """
-    settings = _settings(**flags)
+    settings = _settings(**flags, fleet_link=False if no_fleet else None)
+    if no_fleet and settings.broker_url is not None:
+        raise click.UsageError("--broker and --no-fleet contradict each other; give one")
+    managed = settings.fleet_link and (
+        settings.broker_url is not None or is_enrolled(settings.state_dir)
+    )
+    if managed:
+        # Not enrolled, a bad broker URL or an unusable key: say so before models load.
+        link_config(settings, FleetEnrollment.load(settings.state_dir))
     configure_logging(settings.log_level, settings.log_format)
     listeners = bind_listeners(settings.host, settings.port, settings.socket_path)
-    _run(serve(Agent(settings), listeners, on_ready=_announce))
+    _run(_serve(settings, listeners, managed=managed))
+
+
+async def _serve(settings: AgentSettings, listeners: Listeners, *, managed: bool) -> None:
+    """Serve; when managed, the fleet link starts once the models are ready and says
+    ``offline`` and disconnects before they drain."""
+    agent = Agent(settings)
+    devices: list[ManagedDevice] = []
+
+    def ready(listeners: Listeners) -> None:
+        _announce(listeners)
+        if managed:
+            device = start_managed(agent, settings)
+            devices.append(device)
+            click.echo(f"  fleet:  {device.device_id} via {device.link.client.address}", err=True)
+
+    async def stopping() -> None:
+        for device in devices:
+            await device.close()
+
+    await serve(agent, listeners, on_ready=ready, on_stopping=stopping)
 
 
 def _run(coro: Any) -> None:

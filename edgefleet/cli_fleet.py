@@ -3,7 +3,6 @@ and the trust service devices talk to."""
 
 from __future__ import annotations
 
-import socket
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -12,13 +11,16 @@ from typing import Any
 import click
 
 from edgefleet.cli_errors import reported
-from edgefleet.cli_fleet_common import fleet_settings, parse_duration, write_file
+from edgefleet.cli_fleet_common import bind_socket, fleet_settings, parse_duration, write_file
 from edgefleet.cli_fleet_keys import keys
+from edgefleet.cli_fleet_ops import COMMANDS as OPERATOR_COMMANDS
+from edgefleet.cli_fleet_ops import publish_bundle
+from edgefleet.cli_fleet_serve import serve
 from edgefleet.logs import configure_logging
 from fleet.errors import TrustError
 from fleet.trust.ca import DeviceCA
 from fleet.trust.enroll import EnrollmentTokens
-from fleet.trust.enroll_http import fleet_trust_app, open_repository, repository_lock
+from fleet.trust.enroll_http import fleet_trust_app
 from fleet.trust.settings import default_fleet_home
 
 __all__ = ["fleet"]
@@ -47,8 +49,12 @@ def fleet(ctx: click.Context, home: Path | None) -> None:
         ctx.find_root().meta["edgefleet.fleet.home"] = home
 
 
-# `fleet keys ...` are defined in edgefleet.cli_fleet_keys.
+# `fleet keys ...` are defined in edgefleet.cli_fleet_keys, `fleet serve` in cli_fleet_serve.
 fleet.add_command(keys)
+fleet.add_command(serve)
+# `fleet devices|label|rollout|tokens` talk to the running service: cli_fleet_ops.
+for _command in OPERATOR_COMMANDS:
+    fleet.add_command(_command)
 
 
 # -- publishing, enrollment, revocation --------------------------------------------------------
@@ -79,13 +85,10 @@ def publish(ctx: click.Context, bundle: Path, targets_keys: tuple[Path, ...]) ->
       edgefleet fleet publish resnet-2.0.0.efb --targets-key /media/a/t1.pem \\
           --targets-key /media/b/t2.pem
     """
-    settings = fleet_settings(ctx)
-    with repository_lock(settings):
-        info = open_repository(settings).add_bundle(bundle, list(targets_keys))
-    release = info.custom.get("release", "?")
+    version = publish_bundle(ctx, bundle, targets_keys)
     click.echo(
-        f"published {info.path}  release {release}  {info.length} bytes  sha256 {info.sha256}\n"
-        "Devices see it at their next catalogue refresh."
+        f"published {version.target_path}  release {version.release}  {version.length} bytes  "
+        f"sha256 {version.sha256}\nDevices see it at their next catalogue refresh."
     )
 
 
@@ -232,7 +235,7 @@ def trust_serve(ctx: click.Context, /, log_format: str, log_level: str, **flags:
 
     settings = fleet_settings(ctx, **flags)
     configure_logging(log_level, log_format)
-    sock = _bind(settings.host, settings.port)
+    sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     if settings.port == 0 and not flags.get("public_url"):
         # The derived URL named port 0; devices need the port actually bound.
@@ -254,18 +257,3 @@ def trust_serve(ctx: click.Context, /, log_format: str, log_level: str, **flags:
     server.run(sockets=[sock])
     if not server.started:
         sys.exit(1)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise TrustError(
-            f"cannot listen on {host}:{port}: {e.strerror}; pick another --port",
-            reason="bind",
-        ) from e
-    return sock

@@ -37,8 +37,9 @@ class EmbeddedBroker:
             raise LinkError(
                 "the embedded broker needs amqtt: pip install 'edgefleet[fleet]'"
             ) from e
-        # amqtt logs every packet at INFO; its warnings still come through.
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        # amqtt (and its state machine library) log every packet and transition at INFO.
+        for chatty in ("amqtt", "transitions"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "plugins": {

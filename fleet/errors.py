@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "EnrollmentError",
+    "FleetApiError",
     "FleetError",
+    "InvalidBundleError",
+    "InvalidRolloutError",
     "KeyFileError",
     "LinkError",
+    "PermissionDeniedError",
+    "PublishUnavailableError",
     "RepositoryError",
+    "RolloutConflictError",
+    "RolloutError",
     "StoreError",
+    "TokenConflictError",
     "TrustError",
     "UnknownDeviceError",
     "UnknownModelError",
+    "UnknownRolloutError",
+    "UnknownTokenError",
     "VersionConflictError",
 ]
 
@@ -62,3 +73,55 @@ class VersionConflictError(FleetError):
 
 class LinkError(FleetError):
     """The fleet's MQTT connection could not be made or used; the message says what to check."""
+
+
+class RolloutError(FleetError):
+    """A rollout request or command was refused; the message says why and what to do."""
+
+
+class InvalidRolloutError(RolloutError):
+    """A rollout request is malformed or names what does not exist (HTTP 422)."""
+
+
+class RolloutConflictError(RolloutError):
+    """A rollout clashes with another one, or a command does not fit its state (HTTP 409)."""
+
+
+class UnknownRolloutError(RolloutError):
+    """No rollout with that id (HTTP 404)."""
+
+
+class AuthenticationError(FleetError):
+    """An API request carried no token, or one that is unknown or revoked (HTTP 401)."""
+
+
+class PermissionDeniedError(FleetError):
+    """An API token's role is too low for what it asked (HTTP 403)."""
+
+
+class UnknownTokenError(FleetError):
+    """No API token with that id (HTTP 404)."""
+
+
+class TokenConflictError(FleetError):
+    """An active API token already has that name (HTTP 409)."""
+
+
+class InvalidBundleError(FleetError):
+    """A bundle offered for publishing is not a valid bundle; the message names the problem."""
+
+
+class PublishUnavailableError(FleetError):
+    """This service cannot sign new versions: it does not hold the targets key (HTTP 409)."""
+
+
+class FleetApiError(FleetError):
+    """A call to the fleet's REST API was refused or could not be made.
+
+    ``status`` is the HTTP status (None when no answer came); ``reason`` the refusal's word.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason

@@ -42,6 +42,9 @@ class FleetSettings(FleetTrustSettings):
     desired_validity_h: float = Field(
         default=720.0, gt=0, description="hours a signed desired state stays valid"
     )
+    api_max_upload_mb: float = Field(
+        default=2112.0, gt=0, description="largest bundle upload POST /models accepts, in MiB"
+    )
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> FleetSettings:

@@ -222,7 +222,9 @@ class ProbationReport(BaseModel):
 class UpdateProgress(_Message):
     """On ``update``: one step of one desired state (``seq``) on one device."""
 
-    seq: int | None = Field(ge=1, description="None when the document could not be trusted")
+    seq: int | None = Field(
+        default=None, ge=1, description="None when the document could not be trusted"
+    )
     rollout_id: str | None = Field(default=None, max_length=64)
     stage: UpdateStage
     at: AwareDatetime

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,8 +96,12 @@ async def serve(
     listeners: Listeners,
     on_ready: Callable[[Listeners], None] | None = None,
     stop: asyncio.Event | None = None,
+    on_stopping: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or ``stop``); then drain in-flight requests and unload."""
+    """Serve until SIGINT/SIGTERM (or ``stop``); then drain in-flight requests and unload.
+
+    ``on_stopping`` runs first on the way out, while the models still serve.
+    """
     config = uvicorn.Config(
         AgentApp(agent),
         http="httptools",
@@ -123,6 +127,11 @@ async def serve(
         await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
     finally:
+        if on_stopping is not None:
+            try:
+                await on_stopping()
+            except Exception:
+                log.exception("stopping hook failed; the agent drains anyway")
         agent.ready = False
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):

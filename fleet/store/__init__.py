@@ -8,18 +8,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fleet.store.audit import Audit, AuditEntry
 from fleet.store.db import Database, connect
 from fleet.store.devices import Device, DeviceHealth, Devices, Selector
 from fleet.store.models import ModelVersion, ModelVersions
+from fleet.store.rollouts import Rollouts
+from fleet.store.tokens import ApiTokens, TokenInfo
 
 __all__ = [
+    "ApiTokens",
+    "Audit",
+    "AuditEntry",
     "Device",
     "DeviceHealth",
     "Devices",
     "ModelVersion",
     "ModelVersions",
+    "Rollouts",
     "Selector",
     "Store",
+    "TokenInfo",
     "open_store",
 ]
 
@@ -31,6 +39,9 @@ class Store:
         self.db = db
         self.devices = Devices(db)
         self.models = ModelVersions(db)
+        self.audit = Audit(db)
+        self.tokens = ApiTokens(db)
+        self.rollouts = Rollouts(db)
 
     def close(self) -> None:
         self.db.conn.close()

@@ -77,6 +77,15 @@ class LocalCA:
         self.device_ca = DeviceCA.create(directory, common_name=common_name)
         self.cert_path = directory / "ca.crt"
 
+    @classmethod
+    def existing(cls, directory: Path) -> LocalCA:
+        """The CA ``edgefleet fleet keys init`` made under ``<home>/ca``."""
+        ca = cls.__new__(cls)
+        ca.directory = directory
+        ca.device_ca = DeviceCA.open(directory)
+        ca.cert_path = directory / "ca.crt"
+        return ca
+
     def issue(self, common_name: str, *, server: bool = False) -> Identity:
         """A certificate and key for ``common_name``: the broker's (``server``), the fleet
         service's (``edgefleet-fleet``), or a device's, made as enrollment makes it."""
@@ -192,6 +201,18 @@ class Broker:
     def write_crl(self) -> None:
         """Put the CA's current CRL where the configuration points (takes effect on reload)."""
         (self.directory / "etc" / "crl.pem").write_bytes(self.ca.crl_pem())
+
+    def restart(self) -> None:
+        """Stop Mosquitto and start it again on the same port with the same files."""
+        self.stop()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [_mosquitto(), "-c", str(self.directory / "etc" / "mosquitto.conf")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if not _wait_listening(self):
+            raise BrokerError(f"mosquitto did not restart:\n{self.log()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -25,7 +25,7 @@ from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, 
 
 from agent.trust.state import TrustState
 from agent.trust.tuf_client import ModelCatalogue
-from agent.updates import UpdateApplier, UpdateOutcome
+from agent.updates import LifecycleConfig, UpdateApplier, UpdateOutcome
 from fleet.trust import ImageRepository, generate_key, load_signer, trust_app
 from protocol.bundle import build_bundle, read_manifest
 from protocol.director import DesiredState, ModelTarget, sign_desired
@@ -148,7 +148,9 @@ def attach(fleet: Fleet) -> Iterator[Callable[[RunningAgent], Device]]:
         )
         catalogues.append(catalogue)
         downloads = state_dir / "downloads"
-        applier = UpdateApplier(running.agent, trust, catalogue, downloads)
+        # Probation is tested in tests/agent/test_update_lifecycle.py; a short one keeps this fast.
+        config = LifecycleConfig(probation_s=0.2, refresh_deadline_s=5)
+        applier = UpdateApplier(running.agent, trust, catalogue, downloads, config=config)
         return Device(running, trust, catalogue, applier, downloads)
 
     yield make
@@ -456,6 +458,41 @@ def test_an_unreachable_repository_leaves_the_device_serving_and_stale(
     del fleet.attacker.responses["/metadata/timestamp.json"]
     outcome = device.apply(document)
     assert outcome.status == "committed", outcome.detail
+
+
+def test_a_download_cut_off_by_a_restarting_server_is_resumed(
+    fleet: Fleet, device: Device, bundles: dict[str, Path]
+) -> None:
+    fleet.publish(bundles["mlp-2"])
+    target = target_of(bundles["mlp-2"])
+    path = fleet.bundle_url_path(target.target_path)
+    fleet.serve_instead(path, b"restarting", status=503)
+    back = threading.Timer(0.5, fleet.attacker.responses.pop, (path,))
+    back.start()
+    try:
+        outcome = device.apply(fleet.desired(1, target))
+    finally:
+        back.join()
+    assert outcome.status == "committed", outcome.detail
+    assert device.version() == "2.0.0"
+
+
+def test_a_repository_that_comes_back_within_the_refresh_deadline_is_retried(
+    fleet: Fleet, device: Device, bundles: dict[str, Path]
+) -> None:
+    fleet.publish(bundles["mlp-2"])
+    document = fleet.desired(1, target_of(bundles["mlp-2"]))
+    fleet.serve_instead("/metadata/timestamp.json", b"restarting", status=503)
+    # The fleet's metadata server is back half a second later (a restart, a network blip).
+    back = threading.Timer(0.5, fleet.attacker.responses.pop, ("/metadata/timestamp.json",))
+    back.start()
+    try:
+        outcome = device.apply(document)
+    finally:
+        back.join()
+    assert outcome.status == "committed", outcome.detail
+    assert device.version() == "2.0.0"
+    assert device.status()["status"] == "ok"
     assert device.version() == "2.0.0"
     status = device.status()
     assert (status["status"], status["reason"]) == ("ok", None)

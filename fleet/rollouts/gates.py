@@ -1,0 +1,285 @@
+"""Gates: what a wave must show before the rollout goes on.
+
+A gate reads the wave's evidence — each device's outcome and the probation windows it reported
+(the new version beside the previous one, from its ``update`` messages) — and returns a
+:class:`GateResult`: passed, failed, or insufficient (``passed`` is None) when it has fewer
+samples than its minimum. Insufficient is neither: it holds the rollout for an operator.
+
+The rate gates compare the new version with the previous one on the same devices. A previous
+version with too little traffic to say anything (or none: a first install) counts as perfect, so
+the new version is held to the margin alone — the rule the agent's own probation follows.
+
+Gates sit behind the small :class:`Gate` protocol, so one reading other evidence (drift
+telemetry from the store, for instance) is one more object in the list.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+from typing import ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from fleet.rollouts.spec import GatePolicy
+from fleet.rollouts.states import DEVICE_FAILED, DEVICE_FINAL
+from protocol.mqtt import ProbationReport, VersionWindow
+
+__all__ = [
+    "DeviceOutcome",
+    "ErrorRateGate",
+    "FailedInstallGate",
+    "FallbackRateGate",
+    "Gate",
+    "GateResult",
+    "LatencyGate",
+    "WaveEvidence",
+    "standard_gates",
+]
+
+_MIN_BASELINE_MS = 0.001  # a p95 of 0 ms would make any ratio infinite
+_REPORTED = DEVICE_FINAL | DEVICE_FAILED  # an outcome is known, silence at the deadline included
+
+
+class GateResult(BaseModel):
+    """One gate's judgement of one wave; ``passed`` is None when samples were insufficient."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    value: float | None
+    threshold: float
+    passed: bool | None
+    samples: int
+    detail: str
+
+    @property
+    def verdict(self) -> str:
+        return {True: "passed", False: "failed", None: "insufficient"}[self.passed]
+
+
+@dataclass(frozen=True)
+class DeviceOutcome:
+    """One device of the wave: its status and the probation reports it sent for the model."""
+
+    device_id: str
+    status: str
+    previous_version: str | None
+    probation: tuple[ProbationReport, ...] = ()
+
+
+@dataclass(frozen=True)
+class WaveEvidence:
+    """Everything known about one wave when its gates run."""
+
+    rollout_id: str
+    model: str
+    version: str
+    wave: int
+    devices: tuple[DeviceOutcome, ...]
+    started_at: datetime
+    now: datetime
+
+    def windows(self) -> tuple[list[VersionWindow], list[VersionWindow]]:
+        """The candidate windows of the new version and the baseline windows beside them."""
+        candidates: list[VersionWindow] = []
+        baselines: list[VersionWindow] = []
+        for device in self.devices:
+            for report in device.probation:
+                if report.model != self.model or report.candidate.version != self.version:
+                    continue  # a report about another update on the same device
+                candidates.append(report.candidate)
+                if report.baseline is not None:
+                    baselines.append(report.baseline)
+        return candidates, baselines
+
+
+class Gate(Protocol):
+    """Judges one wave."""
+
+    @property
+    def name(self) -> str: ...
+
+    def evaluate(self, evidence: WaveEvidence) -> GateResult: ...
+
+
+@dataclass(frozen=True)
+class FailedInstallGate:
+    """The share of the wave's devices that failed, refused, rolled back or stayed silent."""
+
+    max_share: float
+    name: str = "failed_installs"
+
+    def evaluate(self, evidence: WaveEvidence) -> GateResult:
+        total = len(evidence.devices)
+        failed = sum(d.status in DEVICE_FAILED for d in evidence.devices)
+        reported = sum(d.status in _REPORTED for d in evidence.devices)
+        if total == 0 or reported == 0:
+            return GateResult(
+                name=self.name,
+                value=None,
+                threshold=self.max_share,
+                passed=None,
+                samples=reported,
+                detail=f"none of the wave's {total} devices has finished its update",
+            )
+        share = failed / total
+        return GateResult(
+            name=self.name,
+            value=share,
+            threshold=self.max_share,
+            passed=share <= self.max_share,
+            samples=reported,
+            detail=(
+                f"{failed} of {total} devices failed, refused, rolled back or stayed silent "
+                f"({share:.1%}, allowed {self.max_share:.1%})"
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class _RateGate:
+    """A per-request rate of the new version against the previous version's, plus a margin."""
+
+    max_increase: float
+    min_requests: int
+    name: ClassVar[str]
+    what: ClassVar[str]
+
+    @staticmethod
+    def _count(window: VersionWindow) -> int:
+        raise NotImplementedError
+
+    def evaluate(self, evidence: WaveEvidence) -> GateResult:
+        candidates, baselines = evidence.windows()
+        requests = sum(w.requests for w in candidates)
+        events = sum(self._count(w) for w in candidates)
+        base_requests = sum(w.requests for w in baselines)
+        new = f"{evidence.model}@{evidence.version}"
+
+        def result(passed: bool | None, threshold: float, detail: str) -> GateResult:
+            return GateResult(
+                name=self.name,
+                value=events / requests if requests else None,
+                threshold=threshold,
+                passed=passed,
+                samples=requests,
+                detail=detail,
+            )
+
+        if requests == 0 and self.min_requests == 0:
+            return result(True, self.max_increase, f"no requests on {new} to judge (allowed)")
+        if requests < self.min_requests:
+            return result(
+                None,
+                self.max_increase,
+                f"{requests} requests on {new}, fewer than the {self.min_requests} needed",
+            )
+        if base_requests < self.min_requests:
+            # Too little traffic on the previous version (or a first install) says nothing
+            # about it: hold the new version to a perfect baseline, as probation does.
+            base_rate = 0.0
+            against = (
+                f"0% (the previous version has {base_requests} requests, fewer than "
+                f"{self.min_requests} to compare with)"
+            )
+        else:
+            base_rate = sum(self._count(w) for w in baselines) / base_requests
+            against = f"{base_rate:.2%} on the previous version over {base_requests} requests"
+        rate = events / requests
+        threshold = base_rate + self.max_increase
+        return result(
+            rate <= threshold,
+            threshold,
+            f"{self.what} {rate:.2%} on {new} over {requests} requests vs {against}; "
+            f"allowed up to {threshold:.2%}",
+        )
+
+
+@dataclass(frozen=True)
+class ErrorRateGate(_RateGate):
+    """Errors per request of the new version ≤ the previous version's + ``max_increase``."""
+
+    name: ClassVar[str] = "error_rate"
+    what: ClassVar[str] = "error rate"
+
+    @staticmethod
+    def _count(window: VersionWindow) -> int:
+        return window.errors
+
+
+@dataclass(frozen=True)
+class FallbackRateGate(_RateGate):
+    """Fallback answers per request of the new version ≤ the previous version's + margin."""
+
+    name: ClassVar[str] = "fallback_rate"
+    what: ClassVar[str] = "fallback rate"
+
+    @staticmethod
+    def _count(window: VersionWindow) -> int:
+        return window.fallbacks
+
+
+@dataclass(frozen=True)
+class LatencyGate:
+    """Median over devices of the new version's p95 / the same of the previous version."""
+
+    max_ratio: float
+    min_requests: int
+    name: str = "p95_latency"
+
+    def evaluate(self, evidence: WaveEvidence) -> GateResult:
+        candidates, baselines = evidence.windows()
+        timed = [w for w in candidates if w.p95_ms is not None and w.requests]
+        base = [w for w in baselines if w.p95_ms is not None and w.requests]
+        requests = sum(w.requests for w in timed)
+        base_requests = sum(w.requests for w in base)
+        new = f"{evidence.model}@{evidence.version}"
+
+        def result(passed: bool | None, value: float | None, detail: str) -> GateResult:
+            return GateResult(
+                name=self.name,
+                value=value,
+                threshold=self.max_ratio,
+                passed=passed,
+                samples=requests,
+                detail=detail,
+            )
+
+        if requests == 0 and self.min_requests == 0:
+            return result(True, None, f"no timed requests on {new} to judge (allowed)")
+        if requests < self.min_requests:
+            return result(
+                None,
+                None,
+                f"{requests} timed requests on {new}, fewer than the {self.min_requests} needed",
+            )
+        p95 = statistics.median(w.p95_ms for w in timed if w.p95_ms is not None)
+        if base_requests < self.min_requests or not base:
+            return result(
+                True,
+                None,
+                f"median p95 {p95:.2f} ms on {new}; the previous version has {base_requests} "
+                f"timed requests, fewer than {self.min_requests} to compare with",
+            )
+        base_p95 = statistics.median(w.p95_ms for w in base if w.p95_ms is not None)
+        ratio = p95 / max(base_p95, _MIN_BASELINE_MS)
+        return result(
+            ratio <= self.max_ratio,
+            ratio,
+            f"median p95 {p95:.2f} ms on {new} vs {base_p95:.2f} ms on the previous version "
+            f"(×{ratio:.2f}, allowed ×{self.max_ratio:g})",
+        )
+
+
+def standard_gates(policy: GatePolicy) -> list[Gate]:
+    """The gates a policy asks for: failed installs always, the rate gates unless turned off."""
+    gates: list[Gate] = [FailedInstallGate(policy.max_failed_share)]
+    if policy.max_error_rate_increase is not None:
+        gates.append(ErrorRateGate(policy.max_error_rate_increase, policy.min_requests))
+    if policy.max_latency_ratio is not None:
+        gates.append(LatencyGate(policy.max_latency_ratio, policy.min_requests))
+    if policy.max_fallback_rate_increase is not None:
+        gates.append(FallbackRateGate(policy.max_fallback_rate_increase, policy.min_requests))
+    return gates

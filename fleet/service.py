@@ -1,0 +1,138 @@
+"""The fleet service, composed: store, director, MQTT link, rollout loop, REST API, trust service.
+
+One ASGI app serves the TUF repository and ``POST /enroll`` at the root and the REST API under
+``/api/v1``; its lifespan starts the broker link (and the embedded broker when asked), runs the
+rollout engine every ``tick_s`` and stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime, timedelta, timezone
+
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from fleet.api import bootstrap_admin_token, create_api
+from fleet.broker import EmbeddedBroker
+from fleet.director import Director
+from fleet.errors import FleetError
+from fleet.ingest import DeviceMessages
+from fleet.link import FleetLink, Incoming, TlsFiles
+from fleet.rollouts.engine import RolloutEngine
+from fleet.settings import FleetSettings
+from fleet.store import Store, open_store
+from fleet.trust.enroll_http import fleet_trust_app, load_director_key
+from protocol.mqtt import Topics
+
+__all__ = ["FleetService"]
+
+log = logging.getLogger(__name__)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class FleetService:
+    """Owns every long-lived part of the fleet service; :meth:`app` is what uvicorn serves."""
+
+    def __init__(
+        self, settings: FleetSettings, *, clock: Callable[[], datetime] = _utc_now
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.topics = Topics(settings.topic_root)
+        self.store: Store = open_store(settings.database_path)
+        self.broker = (
+            EmbeddedBroker(settings.embedded_broker_port) if settings.embedded_broker else None
+        )
+        self.link = FleetLink(
+            settings.service_broker_url, self.topics, self._on_messages, tls=self._tls()
+        )
+        self.director = Director(
+            self.store,
+            load_director_key(settings.director_key),
+            self.link,
+            self.topics,
+            validity=timedelta(hours=settings.desired_validity_h),
+            clock=clock,
+        )
+        self.engine = RolloutEngine(self.store, self.director, clock=clock)
+        self.messages = DeviceMessages(self.store, self.engine, self.topics, clock=clock)
+        self._ticker: asyncio.Task[None] | None = None
+
+    def _tls(self) -> TlsFiles | None:
+        if not self.settings.service_broker_url.startswith("mqtts://"):
+            return None
+        client = self.settings.client_dir
+        return TlsFiles(
+            ca=self.settings.broker_dir / "ca.pem",
+            certificate=client / "fleet.pem",
+            key=client / "fleet.key",
+        )
+
+    async def _on_messages(self, batch: Sequence[Incoming]) -> None:
+        await self.messages(batch)
+
+    def on_enrolled(self, device_id: str) -> None:
+        """Called by the trust service when a device trades its token for a certificate."""
+        self.store.devices.enrolled(device_id, self.clock())
+        self.store.audit.record("enrollment", "device.enrolled", device_id, None)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        written = bootstrap_admin_token(self.store, self.settings.home)
+        if written is not None:
+            log.warning("first admin API token written", extra={"path": str(written)})
+        if self.broker is not None:
+            await self.broker.start()
+        await self.link.start()
+        self._ticker = asyncio.create_task(self._tick())
+        log.info(
+            "fleet service running",
+            extra={
+                "database": str(self.settings.database_path),
+                "broker": self.settings.service_broker_url,
+            },
+        )
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.link.close()
+        if self.broker is not None:
+            await self.broker.stop()
+        self.store.close()
+
+    async def _tick(self) -> None:
+        while True:
+            try:
+                await self.engine.step()
+            except FleetError as e:
+                log.error("rollout step failed; retrying", extra={"detail": str(e)})
+            await asyncio.sleep(self.settings.tick_s)
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        """The trust service's routes, ``/api/v1``, and a lifespan that runs this service."""
+        trust = fleet_trust_app(self.settings, on_enrolled=self.on_enrolled)
+        api = create_api(self.store, engine=self.engine, settings=self.settings, clock=self.clock)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            async with trust.router.lifespan_context(app):
+                await self.start()
+                try:
+                    yield
+                finally:
+                    await self.close()
+
+        return Starlette(routes=[Mount("/api/v1", app=api), *trust.routes], lifespan=lifespan)
