@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import LinkError
-from agent.mqtt import BrokerAddress, FleetLink, LinkConfig, TlsFiles
+from agent.mqtt import FleetLink, LinkConfig, TlsFiles, broker_address
 from agent.service import Agent
 from agent.settings import AgentSettings
 from agent.trust.enrollment import identity_dir, open_catalogue
@@ -83,7 +83,7 @@ class FleetEnrollment:
 def link_config(settings: AgentSettings, enrollment: FleetEnrollment) -> LinkConfig:
     """The link's configuration: the enrollment's broker unless the settings name another."""
     broker_url = settings.broker_url or enrollment.broker_url
-    address = BrokerAddress.parse(broker_url)
+    address = broker_address(broker_url)
     try:
         topics = Topics(settings.topic_root)
     except ValueError as e:

@@ -16,8 +16,6 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -26,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet.errors import LinkError
 from fleet.trust.ca import FLEET_CLIENT_NAME
-from protocol.mqtt import TopicKind, Topics
+from protocol.mqtt import BrokerAddress, TlsFiles, TopicKind, Topics
 
 __all__ = ["BrokerAddress", "FleetLink", "Incoming", "TlsFiles"]
 
@@ -42,33 +40,6 @@ class Incoming:
 
     topic: str
     payload: bytes
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """The fleet's client certificate and key, and the CA that signed the broker's."""
-
-    ca: Path
-    certificate: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """``mqtt://host:1883`` or ``mqtts://host:8883``."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise LinkError(
-                f"broker URL {url!r} must look like mqtts://host:8883 or mqtt://host:1883"
-            )
-        tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls)
 
 
 Handler = Callable[[Sequence[Incoming]], Awaitable[None]]
@@ -87,7 +58,10 @@ class FleetLink:
         client_id: str = FLEET_CLIENT_NAME,
         keepalive: int = 30,  # seconds
     ) -> None:
-        self.address = BrokerAddress.parse(broker_url)
+        try:
+            self.address = BrokerAddress.parse(broker_url)
+        except ValueError as e:
+            raise LinkError(str(e)) from None
         if self.address.tls and tls is None:
             raise LinkError(
                 f"{broker_url} uses TLS but the fleet has no client certificate; run "

@@ -16,7 +16,9 @@ raises :class:`MessageError` naming the problem, so a reader can log it and carr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,9 +30,11 @@ __all__ = [
     "MAX_MESSAGE",
     "ActiveModel",
     "AgentState",
+    "BrokerAddress",
     "DeviceEvent",
     "MessageError",
     "ProbationReport",
+    "TlsFiles",
     "Topic",
     "TopicKind",
     "Topics",
@@ -74,6 +78,42 @@ class MessageError(ProtocolError):
     ) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker is: ``mqtts://host:8883`` (mutual TLS) or ``mqtt://host:1883``."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse a broker URL; raises ValueError saying what a valid one looks like."""
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == -1:
+            raise ValueError(
+                f"broker URL {url!r} must look like mqtts://host:8883 or mqtt://host:1883"
+            )
+        tls = parts.scheme == "mqtts"
+        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A client's key and certificate, and the CA chain that signed the broker's certificate."""
+
+    ca: Path
+    certificate: Path
+    key: Path
 
 
 @dataclass(frozen=True)

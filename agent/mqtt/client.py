@@ -17,8 +17,6 @@ import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -26,44 +24,27 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import LinkError
+from protocol.mqtt import BrokerAddress, TlsFiles
 
-__all__ = ["BrokerAddress", "ClientConfig", "Message", "MqttClient", "TlsFiles", "Will"]
+__all__ = [
+    "BrokerAddress",
+    "ClientConfig",
+    "Message",
+    "MqttClient",
+    "TlsFiles",
+    "Will",
+    "broker_address",
+]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """``mqtts://host:8883`` (TLS with the device certificate) or ``mqtt://host:1883``."""
-        parts = urlsplit(url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == -1:
-            raise LinkError(
-                f"broker URL {url!r} must look like mqtts://host:8883 or mqtt://host:1883"
-            )
-        tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """The device's key and certificate, and the CA chain that signed the broker's certificate."""
-
-    ca: Path
-    certificate: Path
-    key: Path
+def broker_address(url: str) -> BrokerAddress:
+    """Parse a broker URL into an address, or raise :class:`LinkError` saying why."""
+    try:
+        return BrokerAddress.parse(url)
+    except ValueError as e:
+        raise LinkError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -103,7 +84,7 @@ class MqttClient:
 
     def __init__(self, config: ClientConfig, *, on_connect: ConnectHandler | None = None) -> None:
         self.config = config
-        self.address = BrokerAddress.parse(config.broker_url)
+        self.address = broker_address(config.broker_url)
         if config.max_queued < 1 or config.max_incoming < 1:
             raise LinkError("max_queued and max_incoming must be at least 1 message")
         self.messages: asyncio.Queue[Message] = asyncio.Queue(config.max_incoming)

@@ -31,7 +31,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.errors import LinkError
 from agent.files import atomic_write
 from agent.managed import ManagedDevice, start_managed
-from agent.mqtt import BrokerAddress, ClientConfig, FleetLink, LinkConfig, MqttClient
+from agent.mqtt import (
+    BrokerAddress,
+    ClientConfig,
+    FleetLink,
+    LinkConfig,
+    MqttClient,
+    broker_address,
+)
 from agent.service import Agent
 from agent.settings import AgentSettings
 from agent.trust.enrollment import CATALOGUE_FILE, CatalogueSource, identity_dir
@@ -513,7 +520,7 @@ def test_broker_urls_are_checked() -> None:
     assert BrokerAddress.parse("mqtt://10.0.0.2:1884") == BrokerAddress("10.0.0.2", 1884, False)
     for bad in ("http://fleet:8883", "mqtt://", "mqtt://host:port"):
         with pytest.raises(LinkError, match="must look like mqtts://host:8883"):
-            BrokerAddress.parse(bad)
+            broker_address(bad)
     with pytest.raises(LinkError, match="no device certificate"):
         MqttClient(ClientConfig(broker_url="mqtts://fleet:8883", client_id=DEVICE))
 
