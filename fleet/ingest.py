@@ -64,6 +64,11 @@ class DeviceMessages:
             except FleetError as e:
                 # The store refused (e.g. an update for a device never enrolled).
                 self._reject(message.topic, "refused", str(e))
+            except Exception as e:
+                # Whatever one message does, the rest of the batch (other devices' reports)
+                # is still taken.
+                log.exception("device message failed", extra={"topic": message.topic[:200]})
+                self._reject(message.topic, "error", f"{type(e).__name__}: {e}")
             else:
                 self.accepted[kind] += 1
                 heard.add(device_id)
@@ -85,8 +90,11 @@ class DeviceMessages:
                 self._updates.on_update(last)
         elif topic.kind == "update":
             progress = decode(UpdateProgress, message.payload, device_id=device_id)
-            self._repeated[device_id] = (progress.seq, progress.stage)
-            self._updates.on_update(progress)
+            if self._repeated.get(device_id) != (progress.seq, progress.stage):
+                # Download progress repeats its stage several times a second: the rollouts
+                # follow stages, so only a new stage is worth a write.
+                self._repeated[device_id] = (progress.seq, progress.stage)
+                self._updates.on_update(progress)
         elif topic.kind == "events":
             event = decode(DeviceEvent, message.payload, device_id=device_id)
             log.info(

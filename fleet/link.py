@@ -123,13 +123,14 @@ class FleetLink:
             ) from None
 
     async def close(self) -> None:
-        if self._loop is None:  # never started
-            self._client._reset_sockets()  # see start()
-            return
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
-        if self._drain_task is not None:
-            await self._drain_task
+        if self._loop is not None:
+            self._client.disconnect()
+            await asyncio.to_thread(self._client.loop_stop)
+            if self._drain_task is not None:
+                await self._drain_task
+        # paho keeps its wake-up socket pair (and, after reconnects, its socket) open until
+        # garbage collection; nothing public closes them.
+        self._client._reset_sockets()
 
     # -- publishing --------------------------------------------------------------------------
 

@@ -117,6 +117,9 @@ class FleetService:
                 await self.engine.step()
             except FleetError as e:
                 log.error("rollout step failed; retrying", extra={"detail": str(e)})
+            except Exception:
+                # A bug in one step must not stop every rollout until a restart.
+                log.exception("rollout step failed unexpectedly; retrying")
             await asyncio.sleep(self.settings.tick_s)
 
     # -- HTTP --------------------------------------------------------------------------------

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from protocol.director import DEVICE_ID_PATTERN, check_device_id
 from protocol.errors import ProtocolError
@@ -48,6 +55,7 @@ __all__ = [
 
 DEFAULT_ROOT = "edgefleet/v1"
 MAX_MESSAGE = 256 * 1024  # bytes; state, progress and events are a few KiB at most
+MAX_SEQ = 2**63 - 1  # sequence numbers are stored as SQLite integers
 
 TopicKind = Literal["state", "desired", "update", "events", "telemetry"]
 _KINDS: frozenset[str] = frozenset({"state", "desired", "update", "events"})
@@ -209,7 +217,7 @@ class TrustSummary(BaseModel):
 
     status: str = Field(max_length=32)
     reason: str | None = Field(default=None, max_length=200)
-    last_applied_seq: int = Field(default=0, ge=0)
+    last_applied_seq: int = Field(default=0, ge=0, le=MAX_SEQ)
 
 
 class AgentState(_Message):
@@ -224,6 +232,15 @@ class AgentState(_Message):
     update: UpdateProgress | None = Field(
         default=None, description="the last desired state's progress, so a restarted fleet sees it"
     )
+
+    @model_validator(mode="after")
+    def _own_update(self) -> AgentState:
+        # A device speaks for itself only: its state cannot carry another device's progress.
+        if self.update is not None and self.update.device_id != self.device_id:
+            raise ValueError(
+                f"update names device {self.update.device_id!r}, not {self.device_id!r}"
+            )
+        return self
 
 
 class VersionWindow(BaseModel):
@@ -263,7 +280,10 @@ class UpdateProgress(_Message):
     """On ``update``: one step of one desired state (``seq``) on one device."""
 
     seq: int | None = Field(
-        default=None, ge=1, description="None when the document could not be trusted"
+        default=None,
+        ge=1,
+        le=MAX_SEQ,
+        description="None when the document could not be trusted",
     )
     rollout_id: str | None = Field(default=None, max_length=64)
     stage: UpdateStage

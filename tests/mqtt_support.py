@@ -133,3 +133,4 @@ class Subscriber:
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+        self._client._reset_sockets()  # paho leaves its wake-up socket pair to the GC

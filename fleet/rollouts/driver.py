@@ -122,7 +122,7 @@ class Driver:
                 status="deadline",
                 reason="deadline",
                 detail=(
-                    f"no final report within {policy.wave_deadline_s:g} s of the wave's start "
+                    f"no final report within {policy.wave_deadline_s:g} s of its desired state "
                     f"(last: {status})"
                 ),
                 at=now,
@@ -223,9 +223,13 @@ class Driver:
         return len(seqs)
 
     def _deadline(self, row: RolloutRow, policy: RolloutPolicy) -> datetime:
+        """The wave's start + the time its publish rate needs for its devices + the deadline:
+        a device is given the whole deadline however late the pacing let it be published."""
         wave = self._rollouts.waves(row.id)[row.wave]
         started = wave.started_at or row.phase_started_at or row.updated_at
-        return started + timedelta(seconds=policy.wave_deadline_s)
+        devices = len(self._rollouts.assignments(row.id, wave=row.wave))
+        pacing = devices / policy.publish_rate
+        return started + timedelta(seconds=policy.wave_deadline_s + pacing)
 
 
 def _outcome(a: AssignmentRow) -> DeviceOutcome:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _STATES: frozenset[str] = frozenset(get_args(RolloutState))
 _HELD_REPORTS = 10_000  # reports kept while their desired states are being published
+_HELD_PER_DOCUMENT = 8  # of them per (device, seq)
 _LIVE = ("created", "running", "aborted")  # states in which step() has something to do
 
 
@@ -114,6 +115,18 @@ class RolloutEngine:
                 "`edgefleet fleet devices`"
             )
         owners = self._rollouts.devices_in(ACTIVE, spec.model)
+        busy = self._rollouts.devices_in(ACTIVE, None)
+        elsewhere = sorted(d.id for d in devices if d.id in busy and d.id not in owners)
+        if elsewhere:
+            # A desired state names the models its rollout moves; two rollouts of different
+            # models on one device would replace each other's document.
+            others = sorted({busy[d] for d in elsewhere})
+            raise RolloutConflictError(
+                f"{len(elsewhere)} of the selected devices ({', '.join(elsewhere[:3])}"
+                f"{', ...' if len(elsewhere) > 3 else ''}) are in active rollout "
+                f"{', '.join(others)} of another model; a device takes one rollout at a time: "
+                "wait for it to finish or abort it"
+            )
         taken = {d.id: owners[d.id] for d in devices if d.id in owners}
         clashing = sorted(set(taken.values()))
         if clashing and not spec.supersede:
@@ -222,7 +235,9 @@ class RolloutEngine:
             return  # a document the device could not trust names nothing it can be tied to
         if not self._follow(progress.device_id, progress.seq, progress) and progress.rollout_id:
             key = (progress.device_id, progress.seq)
-            self._held.setdefault(key, []).append(progress)
+            held = self._held.setdefault(key, [])
+            held.append(progress)
+            del held[:-_HELD_PER_DOCUMENT]  # a device repeating itself keeps only its latest
             while len(self._held) > _HELD_REPORTS:
                 self._held.popitem(last=False)
 
@@ -271,6 +286,9 @@ class RolloutEngine:
                     log.error(
                         "rollout step failed; retrying", extra={"rollout": row.id, "detail": str(e)}
                     )
+                except Exception:
+                    # Nor may a bug in one rollout's step: log it and keep driving the rest.
+                    log.exception("rollout step failed unexpectedly", extra={"rollout": row.id})
 
     # -- helpers -----------------------------------------------------------------------------
 

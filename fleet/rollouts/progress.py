@@ -45,8 +45,10 @@ def status_change(
             return StatusChange("rollback_failed", progress.reason or stage, detail, None)
         return None
     reports = tuple(r for r in progress.probation if r.model == model) or None
-    if stage not in DEVICE_FINAL and current.status in DEVICE_FINAL:
-        return None  # out of order: the outcome is already known
+    if stage not in DEVICE_FINAL and current.status in (*DEVICE_FINAL, "deadline"):
+        # Out of order, or too late: the outcome is known, or the wave's deadline has
+        # counted the device as failed; only a final stage may still replace that.
+        return None
     if current.status in ("pending", "cancelled"):
         return None
     return StatusChange(stage, progress.reason, detail, reports)

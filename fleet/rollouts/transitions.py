@@ -108,9 +108,11 @@ class Transitions:
         Devices not published to yet are cancelled. A device whose previous version is unknown
         or not published cannot be named back: it is ``not_rolled_back``, with the reason.
         """
-        self._rollouts.update(row.id, now, state="aborted", phase="rolling_back", reason=reason)
-        self.send_back(row, self._rollouts.assignments(row.id), now)
-        self.record(actor, "aborted", row.id, reason=reason, wave=row.wave)
+        # One transaction: a crash must not leave the rollout aborted with nobody sent back.
+        with self._rollouts.atomic():
+            self._rollouts.update(row.id, now, state="aborted", phase="rolling_back", reason=reason)
+            self.send_back(row, self._rollouts.assignments(row.id), now)
+            self.record(actor, "aborted", row.id, reason=reason, wave=row.wave)
 
     def send_back(
         self, row: RolloutRow, assignments: Sequence[AssignmentRow], now: datetime

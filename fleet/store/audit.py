@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_jsonable_python
 
-from fleet.store.db import Database, now_text, translated
+from fleet.store.db import Database, now_text, transaction, translated
 
 __all__ = ["Audit", "AuditEntry"]
 
@@ -56,7 +56,7 @@ class Audit:
             if detail is None
             else json.dumps(to_jsonable_python(dict(detail)), sort_keys=True, separators=(",", ":"))
         )
-        with translated(f"recording {action} on {subject} in the audit log"), self._db.conn:
+        with translated(f"recording {action} on {subject} in the audit log"), transaction(self._db):
             self._db.execute(
                 "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
                 (now_text(self._clock()), actor, action, subject, document),

@@ -17,7 +17,7 @@ import sqlite_utils
 from fleet.errors import StoreError
 from fleet.store.schema import MIGRATIONS
 
-__all__ = ["Database", "connect", "now_text", "schema_version", "translated"]
+__all__ = ["Database", "connect", "now_text", "schema_version", "transaction", "translated"]
 
 Database = sqlite_utils.Database
 
@@ -39,6 +39,27 @@ def translated(doing: str) -> Iterator[None]:
         yield
     except sqlite3.Error as e:
         raise StoreError(f"fleet database error while {doing}: {e}") from e
+
+
+@contextlib.contextmanager
+def transaction(db: Database) -> Iterator[None]:
+    """One atomic write: ``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any exception.
+
+    The connection runs in autocommit mode (every statement commits alone), so every write of
+    more than one statement goes through here. Nested use joins the outer transaction: the
+    outermost one commits or rolls back everything.
+    """
+    conn = db.conn
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def connect(path: Path | str) -> Database:

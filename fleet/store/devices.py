@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fleet.errors import StoreError, UnknownDeviceError
-from fleet.store.db import Database, now_text, translated
+from fleet.store.db import Database, now_text, transaction, translated
 from protocol.director import DEVICE_ID_PATTERN, check_device_id
 from protocol.mqtt import AgentState
 
@@ -103,7 +103,7 @@ class Devices:
     def enrolled(self, device_id: str, at: datetime) -> None:
         """Record an enrollment (idempotent; a re-enrollment keeps labels and history)."""
         check_device_id(device_id)
-        with translated(f"recording the enrollment of {device_id}"), self._db.conn:
+        with translated(f"recording the enrollment of {device_id}"), transaction(self._db):
             self._db.execute(
                 "INSERT INTO devices (id, enrolled_at) VALUES (?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET enrolled_at = excluded.enrolled_at",
@@ -115,7 +115,7 @@ class Devices:
         when = now_text(at)
         document = state.model_dump_json(by_alias=True, exclude_none=True)
         trust = state.trust.status if state.trust is not None else None
-        with translated(f"recording the state of {state.device_id}"), self._db.conn:
+        with translated(f"recording the state of {state.device_id}"), transaction(self._db):
             if state.state == "online":
                 self._db.execute(
                     "INSERT INTO devices (id, first_seen, last_seen, connection, agent_version, "
@@ -144,7 +144,7 @@ class Devices:
         """Mark devices as heard from at ``at`` (any message counts)."""
         when = now_text(at)
         rows = [(when, device_id) for device_id in device_ids]
-        with translated("recording when devices were last seen"), self._db.conn:
+        with translated("recording when devices were last seen"), transaction(self._db):
             self._db.conn.executemany(
                 "UPDATE devices SET last_seen = ? WHERE id = ? AND connection = 'online'", rows
             )
@@ -207,7 +207,7 @@ class Devices:
         adds = [("group", _check_label(g)) for g in add_groups]
         adds += [("tag", _check_label(t)) for t in add_tags]
         removes = [("group", g) for g in remove_groups] + [("tag", t) for t in remove_tags]
-        with translated(f"labelling {device_id}"), self._db.conn:
+        with translated(f"labelling {device_id}"), transaction(self._db):
             self._db.conn.executemany(
                 "DELETE FROM device_labels WHERE device_id = ? AND kind = ? AND value = ?",
                 [(device_id, kind, value) for kind, value in removes],
@@ -222,26 +222,30 @@ class Devices:
 
     def next_seqs(self, device_ids: Iterable[str]) -> dict[str, int]:
         """Reserve the next director sequence number of each device (persisted before use)."""
-        ids = list(device_ids)
-        with translated("reserving desired-state sequence numbers"), self._db.conn:
-            self._db.conn.executemany(
-                "UPDATE devices SET desired_seq = desired_seq + 1 WHERE id = ?",
-                [(i,) for i in ids],
-            )
-            rows = self._db.execute(
-                # Only '?' placeholders are formatted into the SQL; values are bound.
-                f"SELECT id, desired_seq FROM devices WHERE id IN ({','.join('?' * len(ids))})",  # noqa: S608
-                ids,
-            ).fetchall()
-        seqs = {row[0]: int(row[1]) for row in rows}
-        missing = sorted(set(ids) - set(seqs))
-        if missing:
-            raise UnknownDeviceError(f"no device {missing[0]!r} in the registry")
+        seqs: dict[str, int] = {}
+        missing: list[str] = []
+        with translated("reserving desired-state sequence numbers"), transaction(self._db):
+            for device_id in device_ids:
+                row = self._db.execute(
+                    "UPDATE devices SET desired_seq = desired_seq + 1 WHERE id = ? "
+                    "RETURNING desired_seq",
+                    [device_id],
+                ).fetchone()
+                if row is None:
+                    missing.append(device_id)
+                else:
+                    seqs[device_id] = int(row[0])
+            if missing:
+                # Raised inside the transaction: a refused reservation reserves nothing.
+                raise UnknownDeviceError(
+                    f"no device {', '.join(map(repr, sorted(missing)))} in the registry; "
+                    "list devices with `edgefleet fleet devices`"
+                )
         return seqs
 
     def record_desired(self, documents: dict[str, bytes]) -> None:
         """Keep the last signed desired state of each device (for re-publishing after a restart)."""
-        with translated("recording desired states"), self._db.conn:
+        with translated("recording desired states"), transaction(self._db):
             self._db.conn.executemany(
                 "UPDATE devices SET desired = ? WHERE id = ?",
                 [(document.decode(), device_id) for device_id, document in documents.items()],

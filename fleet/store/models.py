@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fleet.errors import StoreError, UnknownModelError, VersionConflictError
-from fleet.store.db import Database, now_text, translated
+from fleet.store.db import Database, now_text, transaction, translated
 from protocol.director import ModelTarget
 from protocol.manifest import Manifest
 
@@ -71,7 +71,7 @@ class ModelVersions:
                 f"{version.name}@{version.version} is already published with sha256 "
                 f"{existing.sha256}; versions are immutable, publish a new version"
             )
-        with translated(f"recording {version.name}@{version.version}"), self._db.conn:
+        with translated(f"recording {version.name}@{version.version}"), transaction(self._db):
             self._db.execute(
                 f"INSERT INTO model_versions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
                 (

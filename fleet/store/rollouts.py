@@ -8,6 +8,7 @@ kept as the JSON documents the engine hands over, so the store does not depend o
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from fleet.errors import StoreError, UnknownRolloutError
-from fleet.store.db import Database, now_text, translated
+from fleet.store.db import Database, now_text, transaction, translated
 from fleet.store.devices import Selector
 from protocol.mqtt import ProbationReport, UpdateProgress
 
@@ -105,6 +106,10 @@ class Rollouts:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    def atomic(self) -> contextlib.AbstractContextManager[None]:
+        """Several writes that must land together (or not at all)."""
+        return transaction(self._db)
+
     # -- rollouts ----------------------------------------------------------------------------
 
     def insert(
@@ -123,7 +128,7 @@ class Rollouts:
         cancelled too (``taken_over``): the new rollout drives the devices now.
         """
         when = now_text(rollout.created_at)
-        with translated(f"creating rollout {rollout.id}"), self._db.conn:
+        with translated(f"creating rollout {rollout.id}"), transaction(self._db):
             self._db.execute(
                 f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS}) "  # noqa: S608
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -235,7 +240,7 @@ class Rollouts:
         if reason is not None or clear_reason:
             sets.append("reason = :reason")
         when = now_text(at)
-        with translated(f"updating rollout {rollout_id}"), self._db.conn:
+        with translated(f"updating rollout {rollout_id}"), transaction(self._db):
             self._db.execute(
                 f"UPDATE rollouts SET {', '.join(sets)} WHERE id = :id",  # noqa: S608
                 {
@@ -281,7 +286,7 @@ class Rollouts:
         sets = [f"{column} = :{column}" for column, value in values.items() if value is not None]
         if not sets:
             return
-        with translated(f"updating wave {index} of {rollout_id}"), self._db.conn:
+        with translated(f"updating wave {index} of {rollout_id}"), transaction(self._db):
             self._db.execute(
                 f"UPDATE rollout_waves SET {', '.join(sets)} "  # noqa: S608
                 "WHERE rollout_id = :id AND idx = :idx",
@@ -328,15 +333,16 @@ class Rollouts:
             counts.setdefault(wave, {})[status] = n
         return counts
 
-    def devices_in(self, states: Collection[str], model: str) -> dict[str, str]:
-        """Devices assigned to rollouts of ``model`` in one of ``states``: device → rollout."""
+    def devices_in(self, states: Collection[str], model: str | None) -> dict[str, str]:
+        """Devices assigned to rollouts of ``model`` (of any model when None) in one of
+        ``states``: device → rollout."""
         sql = (
             "SELECT a.device_id, a.rollout_id FROM assignments a JOIN rollouts r "  # noqa: S608
-            f"ON r.id = a.rollout_id WHERE r.model = ? AND r.state IN ({_marks(len(states))}) "
-            "ORDER BY r.created_at"
+            f"ON r.id = a.rollout_id WHERE (? IS NULL OR r.model = ?) "
+            f"AND r.state IN ({_marks(len(states))}) ORDER BY r.created_at"
         )
-        with translated(f"reading the devices of active rollouts of {model}"):
-            rows = self._db.execute(sql, [model, *states]).fetchall()
+        with translated(f"reading the devices of active rollouts of {model or 'any model'}"):
+            rows = self._db.execute(sql, [model, model, *states]).fetchall()
         return dict(rows)
 
     def assignment_for(self, device_id: str, seq: int) -> AssignmentRow | None:
@@ -354,7 +360,8 @@ class Rollouts:
     ) -> None:
         """Record the sequence each device's desired state was published with."""
         when = now_text(at)
-        with translated(f"recording desired states published for {rollout_id}"), self._db.conn:
+        doing = f"recording desired states published for {rollout_id}"
+        with translated(doing), transaction(self._db):
             self._db.conn.executemany(
                 # A first publish clears any reason; a rollback keeps why it is rolling back.
                 "UPDATE assignments SET seq = ?, status = ?, updated_at = ?, "
@@ -377,7 +384,7 @@ class Rollouts:
         """Set the status, reason and detail of some devices (and their probation reports)."""
         when = now_text(at)
         reports = None if probation is None else _REPORTS.dump_json(tuple(probation)).decode()
-        with translated(f"updating device statuses of {rollout_id}"), self._db.conn:
+        with translated(f"updating device statuses of {rollout_id}"), transaction(self._db):
             self._db.conn.executemany(
                 "UPDATE assignments SET status = ?, reason = ?, detail = ?, "
                 "probation = coalesce(?, probation), updated_at = ? "
@@ -392,7 +399,7 @@ class Rollouts:
 
     def log_update(self, progress: UpdateProgress) -> None:
         """Keep one ``update`` message, whatever it names."""
-        with translated(f"logging an update from {progress.device_id}"), self._db.conn:
+        with translated(f"logging an update from {progress.device_id}"), transaction(self._db):
             self._db.execute(
                 "INSERT INTO update_log (device_id, seq, rollout_id, stage, reason, detail, at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",

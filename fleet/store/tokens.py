@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict
 
 from fleet.errors import AuthenticationError, TokenConflictError, UnknownTokenError
-from fleet.store.db import Database, now_text, translated
+from fleet.store.db import Database, now_text, transaction, translated
 
 __all__ = [
     "ROLES",
@@ -102,9 +102,8 @@ class ApiTokens:
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         token_id = secrets.token_hex(6)
         now = now_text(self._clock())
-        with translated(f"creating the API token {name!r}"), self._db.conn:
-            # BEGIN IMMEDIATE: two creations of one name cannot both see it free.
-            self._db.execute("BEGIN IMMEDIATE")
+        with translated(f"creating the API token {name!r}"), transaction(self._db):
+            # One immediate transaction: two creations of one name cannot both see it free.
             taken = self._db.execute(
                 "SELECT id FROM api_tokens WHERE name = ? AND revoked_at IS NULL", [name]
             ).fetchone()
@@ -140,7 +139,7 @@ class ApiTokens:
             )
         now = self._clock()
         if info.last_used_at is None or now - info.last_used_at >= _TOUCH_EVERY:
-            with translated("recording an API token's use"), self._db.conn:
+            with translated("recording an API token's use"), transaction(self._db):
                 self._db.execute(
                     "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now_text(now), info.id)
                 )
@@ -172,7 +171,7 @@ class ApiTokens:
         """Revoke a token (at once: the next request with it is refused). Idempotent."""
         current = self.get(token_id)
         if current.active:
-            with translated(f"revoking the API token {token_id}"), self._db.conn:
+            with translated(f"revoking the API token {token_id}"), transaction(self._db):
                 self._db.execute(
                     "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                     (now_text(self._clock()), token_id),

@@ -146,6 +146,19 @@ async def test_device_messages_reach_the_registry_and_the_rollouts(
         (TOPICS.state("cam-1"), state("cam-2"), "wrong_device"),
         (TOPICS.update("cam-1"), b'{"device_id": "cam-1", "stage": "exploded"}', "schema"),
         (TOPICS.state("cam-1"), b"[" * 300_000, "too_large"),
+        # A device's state cannot carry another device's progress.
+        (
+            TOPICS.state("cam-1"),
+            b'{"device_id": "cam-1", "update": {"device_id": "cam-5", "seq": 1, '
+            b'"stage": "failed", "at": "2026-11-23T12:00:00Z"}}',
+            "schema",
+        ),
+        (
+            TOPICS.update("cam-1"),
+            b'{"device_id": "cam-1", "seq": 99999999999999999999, "stage": "failed", '
+            b'"at": "2026-11-23T12:00:00Z"}',
+            "schema",
+        ),
         ("edgefleet/v1/devices/cam-1/desired", b"{}", "topic"),
     ],
 )

@@ -11,12 +11,15 @@ import pytest
 
 from fleet.errors import InvalidRolloutError, RolloutConflictError, UnknownRolloutError
 from fleet.rollouts import Gate, GateResult, RolloutEngine, WaveEvidence, standard_gates
+from fleet.rollouts.progress import status_change
 from fleet.rollouts.spec import GatePolicy, RolloutPolicy, RolloutSpec
 from fleet.store import Selector
+from fleet.store.rollouts import AssignmentRow
 from protocol.director import ModelTarget
 from protocol.mqtt import UpdateProgress, VersionWindow
 from tests.fleet.rollout_support import (
     MODEL,
+    START,
     Clock,
     Fleet,
     RecordingPublisher,
@@ -336,6 +339,23 @@ async def test_pause_resume_and_abort(tmp_path: Path) -> None:
         fleet.engine.pause("r-nothing", "bob")
 
 
+def test_a_device_takes_one_rollout_at_a_time_whatever_the_model(tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, 5)
+    publish_version(fleet.store, "1.0.0", name="faces", release=1)
+    digits = fleet.engine.create(spec(), "alice")
+    other = RolloutSpec(
+        model="faces",
+        version="1.0.0",
+        selector=Selector(groups=("cameras",)),
+        policy=fast_policy(),
+        supersede=True,  # supersedes rollouts of its own model only
+    )
+    with pytest.raises(RolloutConflictError, match=f"{digits.id} of another model"):
+        fleet.engine.create(other, "bob")
+    fleet.engine.abort(digits.id, "alice")
+    assert fleet.engine.create(other, "bob").model == "faces"
+
+
 async def test_overlapping_rollout_is_refused_unless_it_supersedes(tmp_path: Path) -> None:
     fleet = make_fleet(tmp_path, 20, versions=("3.0.0",))
     old = fleet.engine.create(spec(), "alice")
@@ -359,12 +379,6 @@ async def test_overlapping_rollout_is_refused_unless_it_supersedes(tmp_path: Pat
         await fleet.engine.step()
     assert {p.rollout_id for p in fleet.publisher.sent} == {new.id}
     assert {p.version for p in fleet.publisher.sent} == {"3.0.0"}
-    # Another model's rollout on the same devices does not clash.
-    publish_version(fleet.store, "1.0.0", name="faces")
-    other = fleet.engine.create(
-        RolloutSpec(model="faces", version="1.0.0", selector=Selector(groups=("cameras",))), "bob"
-    )
-    assert other.state == "created"
 
 
 @pytest.mark.parametrize(
@@ -687,3 +701,36 @@ async def test_a_wave_only_passes_once_every_device_has_settled(tmp_path: Path) 
     fleet.answer(second)
     await engine.step()
     assert engine.get(rollout.id).wave == 1
+
+
+async def test_the_deadline_gives_every_device_its_full_time_however_slow_the_pacing(
+    tmp_path: Path,
+) -> None:
+    fleet = make_fleet(tmp_path, 20)
+    # One desired state a second: the last of 20 devices is published 19 s after the first.
+    policy = fast_policy(waves=(100,), publish_rate=1, wave_deadline_s=30)
+    rollout = fleet.engine.create(spec(policy=policy), "alice")
+    devices = fleet.wave_devices(rollout.id, 0)
+    for _ in range(20):
+        await fleet.engine.step()
+        fleet.clock.advance(1)
+    assert len(fleet.publisher.sent) == 20
+    fleet.clock.advance(25)  # 45 s after the wave's start, 26 s after the last publish
+    await fleet.engine.step()
+    assert fleet.engine.get(rollout.id).phase == "waiting"
+    fleet.answer_many(devices, probation=HEALTHY)
+    await fleet.engine.step()
+    view = fleet.engine.get(rollout.id)
+    assert view.state == "completed", view.reason
+    assert {d.status for d in view.devices} == {"committed"}
+
+
+def test_a_report_after_the_deadline_changes_nothing_unless_it_is_final() -> None:
+    silent = AssignmentRow(
+        rollout_id="r-1", device_id="cam-1", wave=0, seq=3, status="deadline", updated_at=START
+    )
+    late = UpdateProgress(device_id="cam-1", seq=3, stage="downloading", at=START)
+    assert status_change(silent, late, model=MODEL, aborted=False) is None
+    done = UpdateProgress(device_id="cam-1", seq=3, stage="committed", at=START)
+    change = status_change(silent, done, model=MODEL, aborted=False)
+    assert change is not None and change.status == "committed"
