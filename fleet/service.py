@@ -26,6 +26,7 @@ from fleet.rollouts.engine import RolloutEngine
 from fleet.settings import FleetSettings
 from fleet.store import Store, open_store
 from fleet.trust.enroll_http import fleet_trust_app, load_director_key
+from protocol.director import SignedDesiredState
 from protocol.mqtt import Topics
 
 __all__ = ["FleetService"]
@@ -92,6 +93,7 @@ class FleetService:
         if self.broker is not None:
             await self.broker.start()
         await self.link.start()
+        self._republish()
         self._ticker = asyncio.create_task(self._tick())
         log.info(
             "fleet service running",
@@ -100,6 +102,20 @@ class FleetService:
                 "broker": self.settings.service_broker_url,
             },
         )
+
+    def _republish(self) -> None:
+        """Send again the desired states no device has acknowledged (same document, same seq:
+        a device that has it already ignores it)."""
+        again = 0
+        for device_id, seq in self.engine.unacknowledged():
+            document = self.store.devices.desired(device_id)
+            if document is None:
+                continue
+            if SignedDesiredState.model_validate_json(document).signed.seq == seq:
+                self.link.publish(self.topics.desired(device_id), document, retain=True)
+                again += 1
+        if again:
+            log.info("unacknowledged desired states published again", extra={"devices": again})
 
     async def close(self) -> None:
         if self._ticker is not None:

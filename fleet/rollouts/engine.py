@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _STATES: frozenset[str] = frozenset(get_args(RolloutState))
 _HELD_REPORTS = 10_000  # reports kept while their desired states are being published
 _HELD_PER_DOCUMENT = 8  # of them per (device, seq)
+_UNACKNOWLEDGED = ("published", "rolling_back")  # sent; no report from the device yet
 _LIVE = ("created", "running", "aborted")  # states in which step() has something to do
 
 
@@ -289,6 +290,19 @@ class RolloutEngine:
                 except Exception:
                     # Nor may a bug in one rollout's step: log it and keep driving the rest.
                     log.exception("rollout step failed unexpectedly", extra={"rollout": row.id})
+
+    def unacknowledged(self) -> Sequence[tuple[str, int]]:
+        """(device, seq) of every desired state published but not yet heard of by its device.
+
+        After a crash of the service, such a document may have died in the MQTT client's
+        memory before the broker took it; the service publishes these again at start.
+        """
+        return [
+            (a.device_id, a.seq)
+            for row in self._rollouts.find(states=(*ACTIVE, "aborted"))
+            for a in self._rollouts.assignments(row.id, statuses=_UNACKNOWLEDGED)
+            if a.seq is not None
+        ]
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -734,3 +734,16 @@ def test_a_report_after_the_deadline_changes_nothing_unless_it_is_final() -> Non
     done = UpdateProgress(device_id="cam-1", seq=3, stage="committed", at=START)
     change = status_change(silent, done, model=MODEL, aborted=False)
     assert change is not None and change.status == "committed"
+
+
+async def test_desired_states_no_device_acknowledged_are_listed_for_publishing_again(
+    tmp_path: Path,
+) -> None:
+    fleet = make_fleet(tmp_path, 20)
+    rollout = fleet.engine.create(spec(), "alice")
+    await fleet.engine.step()
+    canary = fleet.wave_devices(rollout.id, 0)[0]
+    seq = fleet.publisher.last(canary).seq
+    assert fleet.engine.unacknowledged() == [(canary, seq)]
+    fleet.answer(canary, "received")
+    assert fleet.engine.unacknowledged() == []
