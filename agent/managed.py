@@ -124,12 +124,17 @@ class ManagedDevice:
         self._recovery: asyncio.Task[UpdateOutcome | None] | None = None
 
     def start(self) -> None:
-        """Settle an update a crash interrupted, and connect; call from the agent's loop."""
+        """Settle an update a crash interrupted, and connect; call from the agent's loop.
+
+        Both run at once, so the link may deliver the retained desired state while recovery
+        still works: the applier holds it until recovery has settled.
+        """
         self._recovery = asyncio.get_running_loop().create_task(self.applier.recover())
         self.link.start()
 
     async def _desired(self, raw: bytes) -> None:
-        # Returns at once: a newer desired state must be able to supersede a running one.
+        # Returns at once (after crash recovery, the first time): a newer desired state must be
+        # able to supersede a running one.
         await self.applier.submit(raw)
 
     async def close(self) -> None:

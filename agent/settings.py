@@ -103,6 +103,9 @@ class AgentSettings(BaseSettings):
     probation_min_latency_ms: float = Field(
         default=1.0, ge=0, description="ms; smaller p95 latency increases never roll back"
     )
+    update_progress_interval_s: float = Field(
+        default=1.0, gt=0, description="s; at most one download progress message per interval"
+    )
     # The link to the fleet's MQTT broker (when this device is enrolled).
     fleet_link: bool = Field(
         default=True, description="connect to the fleet's broker when the device is enrolled"

@@ -4,14 +4,16 @@ Every request the primary takes is counted against its (model, version): answere
 latency sample, failed, and whether the fallback answered instead. The serving path and the
 readers all run on the event loop thread, so the counters need no lock; each request costs a
 few integer operations and one list store. Windows are cut afterwards from cumulative marks,
-and the p95 is computed only when a window is read, never per request.
+and the p95 is computed only when a window is read, never per request. When an update ends,
+the update lifecycle evicts the counters of versions that neither serve nor may serve again
+(see :meth:`VersionWindows.evict`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,3 +140,15 @@ class VersionWindows:
 
     def get(self, model: str, version: str) -> VersionCounter | None:
         return self._counters.get((model, version))
+
+    def evict(self, keep: Collection[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Drop the counter of every ``(model, version)`` not in ``keep``; returns those dropped.
+
+        Each counter holds its latency ring and an hour of marks (about half a megabyte): the
+        counters of versions no longer served must go, or a long-lived device that takes many
+        updates grows without bound. A version served again starts a new counter at zero.
+        """
+        gone = [key for key in self._counters if key not in keep]
+        for key in gone:
+            del self._counters[key]
+        return gone

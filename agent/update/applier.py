@@ -7,6 +7,10 @@ sequence number, so it can never be replayed; one that was refused or failed can
 
 ``submit`` returns at once; desired states run one at a time, and a newer one replaces the one
 in hand at its next stage boundary (that one ends ``failed`` with reason ``superseded``).
+
+A document is judged only after crash recovery has settled: the retained desired state arrives
+as the link connects, while recovery may still be rolling back the very desired state it names,
+and accepted against the old sequence number it would install that version again.
 """
 
 from __future__ import annotations
@@ -96,15 +100,17 @@ class UpdateApplier:
 
         After activation (during probation) its new versions are rolled back and it ends
         ``rolled_back`` with reason ``interrupted``; before, it ends ``failed`` and resumes when
-        delivered again. Call once after ``agent.start()``, before the first desired state;
-        it also runs before the first desired state is applied if it was not called.
+        delivered again. Call once after ``agent.start()``; :meth:`submit` and :meth:`apply`
+        start it if it was not called, and wait for it before they look at a document.
         """
         if self._recovery is None:
             self._recovery = asyncio.ensure_future(self._recover())
         return await asyncio.shield(self._recovery)
 
     async def submit(self, raw: bytes) -> None:
-        """Queue one published desired-state document and return at once."""
+        """Queue one published desired-state document; returns at once, or once a crash
+        recovery in progress has settled (a document is judged only after it)."""
+        await self.recover()
         self._enqueue(raw)
 
     async def apply(self, raw: bytes) -> UpdateOutcome:
@@ -112,6 +118,7 @@ class UpdateApplier:
 
         Never raises for a bad document; returns how it ended.
         """
+        await self.recover()
         return await asyncio.shield(self._enqueue(raw))
 
     # -- the queue -----------------------------------------------------------------------------

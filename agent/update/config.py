@@ -25,7 +25,7 @@ class LifecycleConfig:
     probation_max_fallback_increase: float = 0.02
     probation_max_latency_ratio: float = 1.5
     probation_min_latency_ms: float = 1.0
-    progress_interval_s: float = 0.25  # at most four download progress messages a second
+    progress_interval_s: float = 1.0  # seconds; at most one download progress message per interval
 
     @classmethod
     def from_settings(cls, settings: AgentSettings) -> LifecycleConfig:
@@ -41,6 +41,7 @@ class LifecycleConfig:
             probation_max_fallback_increase=settings.probation_max_fallback_increase,
             probation_max_latency_ratio=settings.probation_max_latency_ratio,
             probation_min_latency_ms=settings.probation_min_latency_ms,
+            progress_interval_s=settings.update_progress_interval_s,
         )
 
     @property

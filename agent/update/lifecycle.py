@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,25 +25,22 @@ from agent.probation import Watch, judge, watch
 from agent.runner import ModelRunner
 from agent.service import Agent
 from agent.store import InstalledModel
-from agent.trust.errors import TrustError
 from agent.trust.state import TrustState
 from agent.update.config import LifecycleConfig
-from agent.update.fetch import BundleFetcher, CancelledDownloadError
+from agent.update.deadline import bounded
+from agent.update.fetch import BundleFetcher
 from agent.update.job import Job
+from agent.update.known_good import CommittedVersion, KnownGood
 from agent.update.outcome import StepError, UpdateOutcome
 from agent.update.record import Ledger, RecordFile, RecordStage, UpdateRecord
 from agent.update.rollback import Rollback, Uncommitted
-from protocol.director import DesiredState, ModelTarget
+from agent.update.transfer import Transfer
+from protocol.director import ModelTarget
 from protocol.mqtt import ProbationReport, UpdateStage, VersionWindow
 
 __all__ = ["Lifecycle", "Reporter"]
 
 log = logging.getLogger(__name__)
-
-# Refusals that say "not now" rather than "not this": the repository could not be reached.
-_TRANSIENT = frozenset({"unreachable"})
-_RETRY_SHARE = 0.8  # of the refresh deadline spent retrying before refusing
-_MAX_PAUSE = 15.0  # seconds between retries at most
 
 T = TypeVar("T")
 
@@ -71,6 +67,8 @@ class _Step:
     previous: str | None  # the last committed version
     switch: bool
     watch: bool
+    # A return to a known-good version whose bytes the store holds: switched in unwatched.
+    returning: bool = False
     baseline: VersionWindow | None = None
     installed: InstalledModel | None = None
     bundle: Path | None = None
@@ -95,12 +93,12 @@ class Lifecycle:
     ) -> None:
         self._agent = agent
         self._trust = trust
-        self._fetcher = fetcher
         self._config = config
         self._reporter = reporter
-        self._clock = clock
+        self._transfer = Transfer(fetcher, trust, config, reporter.stage, clock)
         self._ledger = Ledger(RecordFile(agent.settings.state_dir), trust)
-        self._rollback = Rollback(agent, self._ledger, reporter.event)
+        self._known_good = KnownGood(agent.settings.state_dir)
+        self._rollback = Rollback(agent, self._ledger, reporter.event, self._known_good)
 
     @property
     def uncommitted(self) -> dict[str, Uncommitted]:
@@ -112,8 +110,11 @@ class Lifecycle:
 
     async def run(self, job: Job) -> UpdateOutcome:
         """Take ``job`` through every stage; never raises for a failing stage."""
-        self._reporter.stage(job, "received")
         try:
+            replayed = self._replayed(job)
+            if replayed is not None:  # settled while it waited: touch nothing
+                return UpdateOutcome(job.seq, "refused", "replayed", replayed, job.names)
+            self._reporter.stage(job, "received")
             return await self._stages(job)
         except StepError as e:
             detail = e.detail
@@ -121,6 +122,24 @@ class Lifecycle:
                 # Nothing of a failed document stays half-applied: back to what was committed.
                 detail += await self._rollback.restore(f"desired state {job.seq} {e.status}")
             return UpdateOutcome(job.seq, e.status, e.reason, detail, job.names)
+        finally:
+            self._release_counters()
+
+    def _replayed(self, job: Job) -> str | None:
+        """Why ``job`` must not go on, if its sequence number already counts as applied.
+
+        The applier accepts a document only once crash recovery has settled, but a document
+        accepted against the old number would undo what settled it — reinstall a version
+        recovery just rolled back — so every job checks again at its start and before commit.
+        """
+        applied = self._trust.last_applied_seq
+        if job.seq > applied:
+            return None
+        return (
+            f"desired state {job.seq} counts as applied already (the last applied is {applied}: "
+            "it was settled meanwhile, as when a restart rolls back an interrupted update); a "
+            "settled desired state is never applied again"
+        )
 
     async def _stages(self, job: Job) -> UpdateOutcome:
         desired = job.desired
@@ -132,18 +151,18 @@ class Lifecycle:
                 f"desired state {job.seq} names one model twice ({', '.join(job.names)}); a "
                 "device serves one version per model",
             )
-        await self._bounded(job, "received", "refresh_deadline_s", self._refresh(desired))
+        await self._bounded(job, "received", "refresh_deadline_s", self._transfer.refresh(desired))
         job.boundary()
         leftover = [n for n in self.uncommitted if n not in names]
         await self._rollback.roll_back(leftover, f"desired state {job.seq} does not name them")
         steps = [self._plan(t) for t in desired.models]
         pending = [s for s in steps if s.switch]
         for step in pending:
-            step.installed = await asyncio.to_thread(self._stored, step.target)
+            await asyncio.to_thread(self._inspect, step)
         download = [s for s in pending if s.installed is None]
         if download:
             self._save(job, "downloading")
-            bundles = await self._download(job, [s.target for s in download])
+            bundles = await self._transfer.download(job, [s.target for s in download])
             for step in download:
                 step.bundle = bundles[step.target.target_path]
             job.boundary()
@@ -171,10 +190,22 @@ class Lifecycle:
             previous = pending.previous if pending else serving
             return _Step(target, previous, switch=False, watch=pending is not None)
         if pending is not None and pending.previous == target.version:
-            # Back to the version that was committed before: it has nothing left to prove.
-            return _Step(target, pending.previous, switch=True, watch=False)
+            # Back to the version that was committed before: with its bytes still in the store
+            # it has nothing left to prove.
+            return _Step(target, pending.previous, switch=True, watch=True, returning=True)
         previous = pending.previous if pending else serving
         return _Step(target, previous, switch=True, watch=True)
+
+    def _inspect(self, step: _Step) -> None:
+        """Find ``step``'s bytes in the store and whether it is a return to a known-good
+        version; such a return skips probation (on a worker thread: it reads files)."""
+        step.installed = self._stored(step.target)
+        target = step.target
+        known = step.installed is not None and (
+            step.returning or self._known_good.holds(target.name, target.version, target.sha256)
+        )
+        step.returning = known
+        step.watch = not known
 
     def _stored(self, target: ModelTarget) -> InstalledModel | None:
         """The store's copy of ``target`` if it holds exactly these bytes (a rollback target,
@@ -189,82 +220,6 @@ class Lifecycle:
         return installed if installed.bundle_sha256 == target.sha256 else None
 
     # -- stages --------------------------------------------------------------------------------
-
-    async def _refresh(self, desired: DesiredState) -> None:
-        try:
-            await self._refresh_metadata()
-        except OSError as e:
-            raise StepError(
-                "failed",
-                "storage",
-                f"cannot save the trust state: {e.strerror or e}; check the state folder",
-            ) from e
-        await asyncio.to_thread(self._fetcher.check, desired.models)
-
-    async def _refresh_metadata(self) -> None:
-        """Refresh the catalogue; an unreachable repository is retried with backoff.
-
-        The fleet's metadata server restarting or a network blip is not a reason to give up
-        on a desired state: try again (1, 2, 4 … 15 s apart) until the stage has used most of
-        its deadline, then refuse with ``trust_stale`` so the document can be sent again.
-        """
-        budget = self._config.refresh_deadline_s * _RETRY_SHARE
-        started = time.monotonic()
-        pause = 1.0
-        while True:
-            try:
-                # ngclient does blocking HTTP; the event loop keeps serving meanwhile.
-                await asyncio.to_thread(self._fetcher.refresh)
-            except TrustError as e:
-                self._trust.stale(e.reason)
-                waited = time.monotonic() - started
-                if e.reason in _TRANSIENT and waited + pause < budget:
-                    log.info(
-                        "catalogue unreachable; retrying",
-                        extra={"reason": e.reason, "retry_in_s": pause},
-                    )
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, _MAX_PAUSE)
-                    continue
-                raise StepError(
-                    "refused",
-                    "trust_stale",
-                    f"trust metadata could not be refreshed ({e.reason}): {e}",
-                ) from e
-            self._trust.refreshed(self._clock())
-            return
-
-    async def _download(self, job: Job, targets: Sequence[ModelTarget]) -> dict[str, Path]:
-        loop = asyncio.get_running_loop()
-        self._reporter.stage(job, "downloading", 0, sum(t.length for t in targets))
-
-        def progress(done: int, total: int) -> None:  # on the download thread
-            try:
-                loop.call_soon_threadsafe(self._reporter.stage, job, "downloading", done, total)
-            except RuntimeError:  # the loop closed: the agent is stopping
-                raise CancelledDownloadError from None
-
-        deadline = time.monotonic() + self._config.download_deadline_s
-        pause = 1.0
-        while True:
-            work = asyncio.to_thread(
-                self._fetcher.fetch, targets, job.cancel, progress, self._config.progress_interval_s
-            )
-            left = deadline - time.monotonic()
-            try:
-                return await self._bounded(
-                    job, "downloading", "download_deadline_s", work, seconds=left
-                )
-            except CancelledDownloadError:
-                raise job.superseded() from None
-            except StepError as e:
-                # A dropped connection keeps the .part file: wait a little and resume it, for
-                # as long as the stage's deadline allows.
-                if e.reason != "download_failed" or time.monotonic() + pause >= deadline - 1:
-                    raise
-                log.info("download interrupted; resuming", extra={"retry_in_s": pause})
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _MAX_PAUSE)
 
     async def _verify(self, steps: Sequence[_Step]) -> None:
         for step in steps:
@@ -341,13 +296,23 @@ class Lifecycle:
             failed = [(report, reason) for report, reason in verdicts if reason is not None]
             if failed:
                 return await self._rolled_back(job, reports, failed)
+        replayed = self._replayed(job)
+        if replayed is not None:
+            raise StepError("refused", "replayed", replayed)
         self.uncommitted.clear()
         self._ledger.settled(job.seq)
+        await self._remember(steps)
         installed = [s.ref for s in steps if s.switch]
         detail = f"desired state {job.seq} applied: " + (
             ", ".join(installed) + " installed" if installed else "already running every model"
         )
         detail += "".join(f"; probation of {r.model}: {r.reason}" for r in reports)
+        returned = [s.ref for s in steps if s.returning]
+        if returned:
+            detail += (
+                f"; probation skipped for {', '.join(returned)}: a return to a known-good "
+                "version, committed on this device before"
+            )
         new = [s.ref for s in steps if s.watch and s.previous is None]
         if new:
             detail += f"; {', '.join(new)}: no previous version to compare with or roll back to"
@@ -368,9 +333,43 @@ class Lifecycle:
 
     async def recover(self) -> UpdateOutcome | None:
         """Settle the desired state a crash interrupted, if any (see :class:`UpdateApplier`)."""
-        return await self._rollback.recover()
+        try:
+            return await self._rollback.recover()
+        finally:
+            self._release_counters()
 
     # -- bookkeeping ---------------------------------------------------------------------------
+
+    async def _remember(self, steps: Sequence[_Step]) -> None:
+        """Note every version of a committed desired state, and the committed versions it
+        replaced, as known-good; a failure only costs a later return its skipped probation."""
+        try:
+            await asyncio.to_thread(self._record_known_good, steps)
+        except StoreError as e:
+            log.warning("known-good versions not recorded: %s", e)
+
+    def _record_known_good(self, steps: Sequence[_Step]) -> None:
+        store = self._agent.store
+        committed: list[tuple[str, CommittedVersion]] = []
+        for step in steps:
+            name = step.target.name
+            for version in (step.target.version, step.previous):
+                if version is None:
+                    continue
+                try:
+                    digest = store.get(name, version).bundle_sha256
+                except StoreError:
+                    continue  # collected from the store: it cannot come back without a download
+                committed.append((name, CommittedVersion(version=version, sha256=digest)))
+        self._known_good.record(committed)
+
+    def _release_counters(self) -> None:
+        """Drop the request counters of versions that neither serve nor may serve again by a
+        rollback (the versions an uncommitted update replaced keep theirs)."""
+        agent = self._agent
+        keep = {(n, v) for n in agent.models if (v := agent.serving_version(n)) is not None}
+        keep |= {(n, u.previous) for n, u in self.uncommitted.items() if u.previous is not None}
+        agent.metrics.windows.evict(keep)
 
     def _close_unused(self, steps: Sequence[_Step]) -> None:
         """Unload the loaded runners that are not serving (those that are, stay)."""
@@ -387,28 +386,9 @@ class Lifecycle:
         setting: str,
         work: Awaitable[T],
         late: Callable[[], None] | None = None,
-        *,
-        seconds: float | None = None,
     ) -> T:
-        """Await ``work`` for at most the stage's deadline; past it the job fails.
-
-        Work on a thread cannot be stopped: a download stops at its next chunk, anything else
-        finishes on its own and ``late`` cleans up after it.
-        """
-        if seconds is None:
-            seconds = float(getattr(self._config, setting))
-        task = asyncio.ensure_future(work)
-        done, _ = await asyncio.wait({task}, timeout=seconds)
-        if task in done:
-            return task.result()
-        job.cancel.set()
-        task.add_done_callback(functools.partial(_settle_late, late))
-        raise StepError(
-            "failed",
-            "deadline",
-            f"stage {stage} of desired state {job.seq} passed its deadline of {seconds:g} s "
-            f"({setting}); the device keeps serving its current version",
-        )
+        seconds = float(getattr(self._config, setting))
+        return await bounded(job, stage, setting, seconds, work, late)
 
     def _save(self, job: Job, stage: RecordStage) -> None:
         record = UpdateRecord(
@@ -428,13 +408,3 @@ def _install_failed(step: _Step, error: AgentError) -> StepError:
         "install_failed",
         f"{step.ref} could not be installed: {error}; the device keeps serving its current version",
     )
-
-
-def _settle_late(late: Callable[[], None] | None, task: asyncio.Future[object]) -> None:
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None:
-        log.info("work abandoned at its deadline ended with: %s", error)
-    elif late is not None:
-        late()

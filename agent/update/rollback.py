@@ -3,16 +3,21 @@ after a failed desired state, and at start after a crash interrupted one."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.errors import AgentError
+from agent.errors import AgentError, StoreError
 from agent.service import Agent
+from agent.update.known_good import KnownGood
 from agent.update.outcome import StepError, UpdateOutcome
 from agent.update.record import Ledger
 from protocol.mqtt import VersionWindow
 
 __all__ = ["Rollback", "Uncommitted"]
+
+log = logging.getLogger(__name__)
 
 EventFn = Callable[[str, str, str], None]  # kind, model, detail
 
@@ -28,10 +33,11 @@ class Uncommitted:
 class Rollback:
     """Remembers which models serve uncommitted versions, and takes them back."""
 
-    def __init__(self, agent: Agent, ledger: Ledger, event: EventFn) -> None:
+    def __init__(self, agent: Agent, ledger: Ledger, event: EventFn, known_good: KnownGood) -> None:
         self._agent = agent
         self._ledger = ledger
         self._event = event
+        self._known_good = known_good
         # A superseded desired state's versions stay here until the newer one decides.
         self.pending: dict[str, Uncommitted] = {}
 
@@ -39,6 +45,7 @@ class Rollback:
         """Serve the last committed version of each model again; returns what now serves."""
         back: list[str] = []
         problems: list[str] = []
+        left: list[tuple[str, str]] = []  # versions rolled back from
         for name in names:
             pending = self.pending.pop(name, None)
             if pending is None or pending.previous is None:
@@ -53,7 +60,11 @@ class Rollback:
                 self._event(
                     "rollback", name, f"{name}@{current} rolled back to {pending.previous}: {why}"
                 )
+                if current is not None:
+                    left.append((name, current))
             back.append(f"{name}@{pending.previous}")
+        if left:
+            await self._forget(left)
         if problems:
             raise StepError(
                 "failed",
@@ -61,6 +72,13 @@ class Rollback:
                 f"rolling back failed for {'; '.join(problems)}; install a known-good version",
             )
         return ", ".join(back)
+
+    async def _forget(self, versions: list[tuple[str, str]]) -> None:
+        # Known-good versions skip probation; one this device just left must prove itself again.
+        try:
+            await asyncio.to_thread(self._known_good.forget, versions)
+        except StoreError as e:
+            log.warning("rolled-back versions still count as known-good: %s", e)
 
     async def restore(self, why: str) -> str:
         """After a failure every uncommitted version goes back; returns a note for the detail."""

@@ -1,7 +1,9 @@
 """The update lifecycle with real agents, a real image repository over HTTP and real models:
 probation under load commits a good version and rolls back a failing or a slow one by itself;
-progress arrives stage by stage; a newer desired state replaces one in flight; deadlines fire.
-The rules probation judges by, and the counters it reads, are tested on their own first.
+a return to a known-good version skips it; progress arrives stage by stage; a newer desired
+state replaces one in flight; deadlines fire; a desired state settled by crash recovery is
+never applied again. The rules probation judges by, and the counters it reads, are tested on
+their own first.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from onnx import TensorProto, helper, numpy_helper
 from starlette.responses import StreamingResponse
 
 from agent.probation import ProbationPolicy, judge
+from agent.settings import AgentSettings
 from agent.trust.state import TrustState
 from agent.trust.tuf_client import ModelCatalogue
+from agent.update import LifecycleConfig
+from agent.update.known_good import KNOWN_GOOD_FILE, CommittedVersion, KnownGood
 from agent.update.record import RECORD_FILE
 from agent.updates import UpdateApplier, UpdateOutcome
-from agent.windows import VersionCounter
+from agent.windows import VersionCounter, VersionWindows
 from exporters.package import create_bundle
 from protocol.mqtt import DeviceEvent, UpdateProgress, VersionWindow
 from tests.conftest import RunningAgent
@@ -98,6 +103,63 @@ def test_version_counters_cut_windows_and_recent_periods() -> None:
     counter.answered(0.5, now[0])
     later = counter.window(mark)
     assert (later.requests, later.p95_ms) == (1, pytest.approx(500.0))
+
+
+def test_counters_of_versions_no_longer_kept_are_evicted() -> None:
+    windows = VersionWindows()
+    old = windows.counter("mlp", "1.0.0")
+    old.answered(0.001, time.perf_counter())
+    windows.counter("mlp", "2.0.0")
+    windows.counter("other", "1.0.0")
+    gone = windows.evict({("mlp", "2.0.0"), ("other", "1.0.0")})
+    assert gone == [("mlp", "1.0.0")]
+    assert windows.get("mlp", "1.0.0") is None
+    assert windows.get("mlp", "2.0.0") is not None and windows.get("other", "1.0.0") is not None
+    assert windows.counter("mlp", "1.0.0").requests == 0  # served again: counted from zero
+    assert windows.evict(set()) and windows.get("other", "1.0.0") is None
+
+
+def test_the_download_progress_interval_is_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert LifecycleConfig().progress_interval_s == 1.0
+    default = AgentSettings(state_dir=tmp_path)
+    assert LifecycleConfig.from_settings(default).progress_interval_s == 1.0
+    chosen = AgentSettings(state_dir=tmp_path, update_progress_interval_s=0.5)
+    assert LifecycleConfig.from_settings(chosen).progress_interval_s == 0.5
+    monkeypatch.setenv("EDGEFLEET_AGENT_UPDATE_PROGRESS_INTERVAL_S", "2.5")
+    from_env = AgentSettings(state_dir=tmp_path)
+    assert LifecycleConfig.from_settings(from_env).progress_interval_s == 2.5
+    field = AgentSettings.model_fields["update_progress_interval_s"]
+    assert field.description is not None and field.description.startswith("s")
+
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def test_known_good_versions_are_recorded_forgotten_and_survive_damage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    known = KnownGood(tmp_path)
+    assert not known.holds("mlp", "1.0.0", SHA_A)  # nothing recorded yet
+    known.record(
+        [("mlp", CommittedVersion(version="2.0.0", sha256=SHA_B)),
+         ("mlp", CommittedVersion(version="1.0.0", sha256=SHA_A))]
+    )  # fmt: skip
+    again = KnownGood(tmp_path)  # read from disk
+    assert [v.version for v in again.committed("mlp")] == ["2.0.0", "1.0.0"]
+    assert again.holds("mlp", "1.0.0", SHA_A)
+    assert not again.holds("mlp", "1.0.0", SHA_B)  # other bytes under the same version
+    assert not again.holds("other", "1.0.0", SHA_A)
+    again.forget([("mlp", "2.0.0")])  # rolled back from: it proves itself again next time
+    assert not known.holds("mlp", "2.0.0", SHA_B) and known.holds("mlp", "1.0.0", SHA_A)
+    for i in range(12):  # bounded, most recent first
+        known.record([("mlp", CommittedVersion(version=f"3.0.{i}", sha256=SHA_A))])
+    assert [v.version for v in known.committed("mlp")][:2] == ["3.0.11", "3.0.10"]
+    assert len(known.committed("mlp")) == 8
+    (tmp_path / KNOWN_GOOD_FILE).write_text('{"schema": 1, "models": {"mlp": [1]}}')
+    assert not known.holds("mlp", "3.0.11", SHA_A)
+    assert "ignoring the damaged committed versions" in caplog.text
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -507,6 +569,126 @@ def test_a_stop_during_probation_rolls_back_at_the_next_start(
     assert second.progress[-1].stage == "rolled_back"
     assert second.trust.last_applied_seq == 1
     assert second.running.call(second.applier.recover()) is outcome  # settled once
+
+
+def test_the_retained_desired_state_at_start_does_not_reinstall_the_interrupted_version(
+    fleet: Fleet, device: Callable[..., Device], bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    first = device(probation_s=20)
+    fleet.publish(bundles["mlp-2"])
+    document = fleet.desired(1, target_of(bundles["mlp-2"]))
+    first.submit(document)
+    wait_until(lambda: "probation" in first.stages(1))
+    first.running.stop()  # as a kill -9 would: the record says stage probation
+
+    # A managed start: recovery begins while the link connects, and the broker delivers the
+    # retained desired state (the same document) before recovery has settled it.
+    second = device(bundles=[], socket=tmp_path / "b.sock", probation_s=0.2)
+    applier = second.applier
+
+    async def start() -> None:
+        recovery = asyncio.ensure_future(applier.recover())
+        await applier.submit(document)
+        await recovery
+
+    second.running.call(start())
+    wait_until(lambda: sum(p.final for p in second.progress) >= 2)
+    time.sleep(0.5)  # long enough for a wrongly accepted job to switch 2.0.0 in again
+    recovered, answered = [p for p in second.progress if p.final]
+    assert (recovered.seq, recovered.stage, recovered.reason) == (1, "rolled_back", "interrupted")
+    assert (answered.stage, answered.reason) == ("refused", "replayed"), answered.detail
+    assert second.stages(1) == ["rolled_back"]  # never received, loaded or switched again
+    assert second.answer()["model_version"] == "1.0.0"
+    assert second.running.agent.store.active("mlp").version == "1.0.0"  # type: ignore[union-attr]
+    assert second.trust.last_applied_seq == 1
+
+
+def test_a_desired_state_settled_before_its_job_starts_is_a_no_op(
+    fleet: Fleet, device: Callable[..., Device], bundles: dict[str, Path]
+) -> None:
+    d = device(probation_s=0.2)
+    fleet.publish(bundles["mlp-2"])
+
+    async def accepted_then_settled() -> None:
+        await d.applier.submit(fleet.desired(1, target_of(bundles["mlp-2"])))
+        d.trust.applied(1)  # settled elsewhere before the queued job runs
+
+    d.running.call(accepted_then_settled())
+    final = d.final(1)
+    assert (final.stage, final.reason) == ("refused", "replayed"), final.detail
+    assert "counts as applied already" in final.detail
+    assert d.stages(1) == ["refused"]
+    assert fleet.attacker.target_requests == []
+    assert d.answer()["model_version"] == "1.0.0"
+
+
+def test_a_desired_state_settled_while_it_ran_is_not_committed(
+    fleet: Fleet, device: Callable[..., Device], bundles: dict[str, Path]
+) -> None:
+    d = device(probation_s=1)
+    fleet.publish(bundles["mlp-2"])
+    d.submit(fleet.desired(1, target_of(bundles["mlp-2"])))
+    wait_until(lambda: "probation" in d.stages(1))
+
+    async def settle() -> None:
+        d.trust.applied(1)
+
+    d.running.call(settle())
+    final = d.final(1)
+    assert (final.stage, final.reason) == ("refused", "replayed"), final.detail
+    assert "mlp@1.0.0 serving again" in final.detail
+    assert d.answer()["model_version"] == "1.0.0"
+    assert not (d.running.settings.state_dir / RECORD_FILE).exists()
+
+
+def test_a_rollback_the_fleet_orders_returns_to_a_known_good_version_without_probation(
+    fleet: Fleet, device: Callable[..., Device], bundles: dict[str, Path], versions: dict[str, Path]
+) -> None:
+    # 4.0.0 is slow but served here; 2.0.0 is fast. Judged against 2.0.0, the fleet's rollback
+    # to 4.0.0 would fail probation for its latency and be refused.
+    d = device(bundles=[versions["slow"]], probation_s=5, probation_requests=40)
+    fleet.publish(bundles["mlp-2"])
+    fleet.publish(versions["slow"])
+    windows = d.running.agent.metrics.windows
+    with Load(d.running) as load:
+        load.wait(30)
+        forward = d.apply(fleet.desired(1, target_of(bundles["mlp-2"])))
+        assert forward.status == "committed", forward.detail
+        assert windows.get("mlp", "4.0.0") is None  # no longer served: its counter is gone
+        load.more(40)  # how 2.0.0 serves
+        back = d.apply(fleet.desired(2, target_of(versions["slow"])))
+        load.more(10)
+    assert (back.status, back.reason) == ("committed", None), back.detail
+    assert back.probation == ()
+    assert "probation skipped for mlp@4.0.0: a return to a known-good version" in back.detail
+    assert d.stages(2) == ["received", "verifying", "loading", "committed"]
+    assert len(fleet.attacker.target_requests) == 1  # 2.0.0 only: 4.0.0 came from the store
+    assert load.failures == [] and load.answers[-1] == ("4.0.0", False)
+    assert d.events == []  # a switch the fleet asked for, not a rollback of the device's own
+    assert windows.get("mlp", "2.0.0") is None and windows.get("mlp", "4.0.0") is not None
+    assert d.trust.last_applied_seq == 2
+
+
+def test_a_version_rolled_back_from_is_judged_again_when_it_returns(
+    fleet: Fleet, device: Callable[..., Device], bundles: dict[str, Path], versions: dict[str, Path]
+) -> None:
+    d = device(fallback=bundles["small"], probation_s=5, probation_requests=60)
+    fleet.publish(versions["failing"])
+    known = KnownGood(d.running.settings.state_dir)
+    failing = target_of(versions["failing"])
+    # As though 3.0.0 had committed here once and then been collected from the store: it is
+    # downloaded again, so it is judged.
+    known.record([("mlp", CommittedVersion(version="3.0.0", sha256=failing.sha256))])
+    with Load(d.running, sizes=(1, 2)) as load:  # 3.0.0 fails every two-row request
+        load.wait(40)
+        outcome = d.apply(fleet.desired(1, failing))
+        load.more(10)
+    assert (outcome.status, outcome.reason) == ("rolled_back", "error_rate"), outcome.detail
+    # The store keeps 3.0.0 as a recent version; were it still known-good, a desired state
+    # naming it would switch it in unjudged.
+    assert "3.0.0" in d.running.agent.store.versions("mlp")
+    assert not known.holds("mlp", "3.0.0", failing.sha256)
+    assert d.running.agent.metrics.windows.get("mlp", "3.0.0") is None
 
 
 def test_a_stage_past_its_deadline_fails_and_names_the_stage(
