@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,fleet,openvino,litert,export,export-torch
 
-.PHONY: run test check lint format bench clean lock
+.PHONY: run test check lint format bench bench-fleet clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ format: $(STAMP)
 ## bench: the serving benchmark (see benchmarks/serving/README.md)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/serving/run.py
+
+## bench-fleet: the fleet benchmark, 1,000 and 10,000 simulated devices (see benchmarks/fleet/README.md)
+bench-fleet: $(STAMP)
+	$(BIN)/python benchmarks/fleet/run.py
 
 ## lock: re-pin constraints.txt from a fresh resolve of every extra
 lock:
