@@ -17,6 +17,7 @@ from typing import Protocol
 from fleet.errors import FleetError
 from fleet.link import Incoming
 from fleet.store import Store
+from fleet.store.db import transaction
 from protocol.mqtt import AgentState, DeviceEvent, MessageError, Topics, UpdateProgress, decode
 
 __all__ = ["DeviceMessages", "UpdateSink"]
@@ -56,6 +57,14 @@ class DeviceMessages:
     async def __call__(self, batch: Sequence[Incoming]) -> None:
         now = self._clock()
         heard: set[str] = set()
+        # One transaction per batch: thousands of devices answering at once cost one commit,
+        # not one per message (each message's own writes join it).
+        with transaction(self._store.db):
+            self._take_all(batch, now, heard)
+            if heard:
+                self._store.devices.seen(heard, now)
+
+    def _take_all(self, batch: Sequence[Incoming], now: datetime, heard: set[str]) -> None:
         for message in batch:
             try:
                 kind, device_id = self._take(message, now)
@@ -72,8 +81,6 @@ class DeviceMessages:
             else:
                 self.accepted[kind] += 1
                 heard.add(device_id)
-        if heard:
-            self._store.devices.seen(heard, now)
 
     def _take(self, message: Incoming, now: datetime) -> tuple[str, str]:
         topic = self._topics.parse(message.topic)

@@ -31,7 +31,6 @@ __all__ = ["BrokerAddress", "FleetLink", "Incoming", "TlsFiles"]
 log = logging.getLogger(__name__)
 
 _MAX_BUFFERED = 200_000  # messages waiting for the loop; past this the oldest are dropped
-_MAX_INFLIGHT = 1000  # QoS 1 publishes awaiting PUBACK: pipelines a wave's desired states
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,9 @@ class FleetLink:
             protocol=mqtt.MQTTv311,
             clean_session=False,
         )
-        self._client.max_inflight_messages_set(_MAX_INFLIGHT)
+        # No in-flight cap: with one, paho rescans its whole outgoing table on every PUBACK,
+        # which costs more than the broker's flow control saves for a wave of desired states.
+        self._client.max_inflight_messages_set(0)
         self._client.max_queued_messages_set(0)  # unbounded: desired states must not be dropped
         self._client.reconnect_delay_set(1, 30)
         if tls is not None:

@@ -110,7 +110,7 @@ class Devices:
                 (device_id, now_text(at)),
             )
 
-    def observe_state(self, state: AgentState, at: datetime) -> Device:
+    def observe_state(self, state: AgentState, at: datetime) -> None:
         """Record a ``state`` message (online, offline or the LWT's ``lost``)."""
         when = now_text(at)
         document = state.model_dump_json(by_alias=True, exclude_none=True)
@@ -138,7 +138,6 @@ class Devices:
                     "VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET connection = ?",
                     (state.device_id, when, when, state.state, state.state),
                 )
-        return self.get(state.device_id)
 
     def seen(self, device_ids: Iterable[str], at: datetime) -> None:
         """Mark devices as heard from at ``at`` (any message counts)."""
