@@ -11,7 +11,14 @@ from typing import Any
 import click
 
 from edgefleet.cli_errors import reported
-from edgefleet.cli_fleet_common import bind_socket, fleet_settings, parse_duration, write_file
+from edgefleet.cli_fleet_common import (
+    bind_socket,
+    fleet_settings,
+    listen_options,
+    log_options,
+    parse_duration,
+    write_file,
+)
 from edgefleet.cli_fleet_keys import keys
 from edgefleet.cli_fleet_ops import COMMANDS as OPERATOR_COMMANDS
 from edgefleet.cli_fleet_ops import publish_bundle
@@ -201,21 +208,11 @@ def trust() -> None:
 
 
 @trust.command("serve")
-@click.option("--host", help="Address to listen on [default: 127.0.0.1].")
-@click.option("--port", type=int, help="Port; 0 picks a free one [default: 8480].")
-@click.option("--public-url", help="The URL devices use [default: http://<host>:<port>].")
+@listen_options
 @click.option(
     "--broker-url", help="The broker devices connect to [default: mqtts://127.0.0.1:8883]."
 )
-@click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-)
+@log_options
 @click.pass_context
 @reported
 def trust_serve(ctx: click.Context, /, log_format: str, log_level: str, **flags: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -16,7 +17,14 @@ from agent.files import atomic_write
 from fleet.errors import TrustError
 from fleet.trust.settings import FleetTrustSettings
 
-__all__ = ["bind_socket", "fleet_settings", "parse_duration", "write_file"]
+__all__ = [
+    "bind_socket",
+    "fleet_settings",
+    "listen_options",
+    "log_options",
+    "parse_duration",
+    "write_file",
+]
 
 
 S = TypeVar("S", bound=FleetTrustSettings)
@@ -76,3 +84,34 @@ def bind_socket(host: str, port: int) -> socket.socket:
             reason="bind",
         ) from e
     return sock
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def listen_options(command: F) -> F:
+    """``--host``, ``--port`` and ``--public-url``: where a fleet service listens and is reached."""
+    for option in reversed(
+        (
+            click.option("--host", help="Address to listen on [default: 127.0.0.1]."),
+            click.option("--port", type=int, help="Port; 0 picks a free one [default: 8480]."),
+            click.option(
+                "--public-url", help="The URL devices use [default: http://<host>:<port>]."
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def log_options(command: F) -> F:
+    """``--log-format`` and ``--log-level`` of a long-running fleet command."""
+    command = click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+    )(command)
+    return click.option(
+        "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+    )(command)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from edgefleet.cli_errors import reported
-from edgefleet.cli_fleet_common import bind_socket, fleet_settings
+from edgefleet.cli_fleet_common import bind_socket, fleet_settings, listen_options, log_options
 from edgefleet.logs import configure_logging
 from fleet.settings import FleetSettings
 
@@ -17,9 +17,7 @@ __all__ = ["serve"]
 
 
 @click.command("serve")
-@click.option("--host", help="Address to listen on [default: 127.0.0.1].")
-@click.option("--port", type=int, help="Port; 0 picks a free one [default: 8480].")
-@click.option("--public-url", help="The URL devices use [default: http://<host>:<port>].")
+@listen_options
 @click.option(
     "--broker-url",
     help="The broker devices connect to [default: mqtts://127.0.0.1:8883, or the embedded one].",
@@ -41,19 +39,11 @@ __all__ = ["serve"]
     help="The fleet database [default: <home>/fleet.sqlite].",
 )
 @click.option("--device-timeout-s", type=float, help="Silence before a device is 'unknown' [90].")
-@click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-)
+@log_options
 @click.pass_context
 @reported
 def serve(ctx: click.Context, /, log_format: str, log_level: str, **flags: Any) -> None:
-    """Run the fleet service: the REST API (/api/v1, OpenAPI at /api/v1/docs), the signed
+    """Run the fleet service: the REST API (/api/v1, schema at /api/v1/openapi.json), the signed
     catalogue and enrollment, the MQTT link to every device, and the rollout loop.
 
     \b
