@@ -208,7 +208,7 @@ class Driver:
                 extra={"rollout": row.id, "devices": len(batch), "detail": str(e)},
             )
             return 0
-        pacer.spend(len(seqs))
+        pacer.spend(len(seqs), waiting=len(pending) - len(seqs))
         rolling_back = row.phase == "rolling_back"
         self._rollouts.published(
             row.id, seqs, status="rolling_back" if rolling_back else "published", at=now
