@@ -10,16 +10,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from edgefleet.cli_bundle import bundle
-from protocol.bundle import build_bundle
 from protocol.manifest import (
-    DriftProfile,
-    FeatureBins,
-    FileEntry,
     Manifest,
-    ParityReport,
-    Quantization,
-    TensorSpec,
 )
+from tests.fleet.api_support import quantized_bundle
 from tests.models import mlp_onnx
 
 
@@ -150,30 +144,7 @@ def test_help_teaches_with_examples() -> None:
 
 
 def test_inspect_shows_quantization_parity_and_drift(tmp_path: Path) -> None:
-    model = mlp_onnx(tmp_path / "mlp.onnx")
-    manifest = Manifest(
-        name="digits",
-        version="3.0.0",
-        runtime="onnxruntime",
-        model_file="mlp.onnx",
-        files=(FileEntry(path="mlp.onnx", sha256="0" * 64, size=0),),
-        inputs=(TensorSpec(name="input", datatype="FP32", shape=(-1, 64)),),
-        outputs=(TensorSpec(name="logits", datatype="FP32", shape=(-1, 10)),),
-        quantization=Quantization(
-            method="dynamic-int8",
-            parity=ParityReport(samples=500, max_abs_diff=0.0123, top1_agreement=0.996),
-        ),
-        drift=DriftProfile(
-            features=(
-                FeatureBins(
-                    name="input", tensor="input", edges=(0.0, 0.5, 1.0), counts=(1, 2, 3, 4)
-                ),
-            ),
-            psi_alert=0.3,
-        ),
-    )
-    path = tmp_path / "q.efb"
-    build_bundle(manifest, {"mlp.onnx": model}, path)
+    path = quantized_bundle(tmp_path, name="digits")
     text = run("inspect", path).stdout
     assert "dynamic-int8 (parity: samples 500, max abs diff 0.0123, top-1 agreement 0.996)" in text
     assert "1 features, 0 outputs (PSI warn 0.1, alert 0.3)" in text

@@ -12,13 +12,11 @@ import pty
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-import uvicorn
 from click.testing import CliRunner, Result
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -32,6 +30,7 @@ from fleet.settings import FleetSettings
 from fleet.store import Selector, open_store
 from fleet.trust.enroll_http import open_repository
 from tests.fleet.api_support import Director, make_home, report_online
+from tests.fleet.test_repository import Served
 
 EDGEFLEET = [sys.executable, "-c", "from edgefleet.cli import main; main()"]
 
@@ -57,27 +56,15 @@ class RunningFleet:
             task.cancel()
 
         app = Starlette(routes=[Mount("/api/v1", app=api)], lifespan=lifespan)
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        config = uvicorn.Config(app, lifespan="on", access_log=False, log_config=None)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
+        self._served = Served(app, lifespan="on")
+        self.url = self._served.url
 
     def __enter__(self) -> RunningFleet:
-        self._thread.start()
-        for _ in range(500):
-            if self._server.started:
-                return self
-            self._thread.join(0.01)
-        raise AssertionError("uvicorn did not start")
+        self._served.__enter__()
+        return self
 
     def __exit__(self, *_: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
-        self._sock.close()
+        self._served.__exit__()
         self.store.close()
 
     def token(self, name: str, role: str) -> str:

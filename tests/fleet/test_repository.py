@@ -12,7 +12,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -64,12 +64,12 @@ def model_offset(bundle: Path) -> int:
 class Served:
     """A real uvicorn server for an ASGI app on a free loopback port, on its own thread."""
 
-    def __init__(self, app: ASGI) -> None:
+    def __init__(self, app: ASGI, *, lifespan: Literal["on", "off"] = "off") -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         config = uvicorn.Config(
-            app, lifespan="off", access_log=False, log_config=None, ws="none", http="h11"
+            app, lifespan=lifespan, access_log=False, log_config=None, ws="none", http="h11"
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
