@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fleet.errors import InvalidRolloutError
 from fleet.store.devices import Selector
 
-__all__ = ["DEFAULT_WAVES", "GatePolicy", "RolloutPolicy", "RolloutSpec", "parse_spec"]
+__all__ = [
+    "DEFAULT_WAVES",
+    "ExperimentPolicy",
+    "GatePolicy",
+    "RolloutPolicy",
+    "RolloutSpec",
+    "parse_spec",
+]
 
 DEFAULT_WAVES: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0)  # cumulative percent of devices
 
@@ -52,6 +59,25 @@ class GatePolicy(_Frozen):
     max_fallback_rate_increase: float | None = Field(default=0.01, ge=0, le=1)
 
 
+class ExperimentPolicy(_Frozen):
+    """Two versions side by side, compared with a significance test.
+
+    ``ab``: only ``split`` of the selected devices (chosen by stable hash, like the waves) get
+    the new version; the others keep what they run and are the control arm. ``shadow``: every
+    selected device keeps serving its version and runs the new one beside it as a challenger
+    whose answers are compared, never returned.
+    """
+
+    mode: Literal["ab", "shadow"]
+    split: float = Field(
+        default=0.5, gt=0, lt=1, description="ab: share of the selected devices that get it"
+    )
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="significance level")
+    min_samples: int = Field(
+        default=1000, ge=1, description="requests each arm needs before a verdict"
+    )
+
+
 class RolloutPolicy(_Frozen):
     """How a rollout moves: waves, pace, deadlines, soak, approval and what a failure does."""
 
@@ -70,6 +96,7 @@ class RolloutPolicy(_Frozen):
         default="abort", description="abort: stop and roll back every touched device"
     )
     gates: GatePolicy = GatePolicy()
+    experiment: ExperimentPolicy | None = None
 
     @field_validator("waves")
     @classmethod

@@ -124,5 +124,139 @@ CREATE TABLE api_tokens (
 );
 """
 
+# Telemetry: one row per record a device sent, keyed by its per-device sequence number so that a
+# replayed record is ignored; hourly rollups replace raw windows past their retention.
+_TELEMETRY = """
+CREATE TABLE telemetry_streams (
+    device_id      TEXT PRIMARY KEY,
+    high_seq       INTEGER NOT NULL,               -- highest sequence number received
+    received       INTEGER NOT NULL DEFAULT 0,     -- records taken (duplicates not counted)
+    duplicates     INTEGER NOT NULL DEFAULT 0,
+    dropped        INTEGER NOT NULL DEFAULT 0,     -- records the device said its spool dropped
+    last_at        TEXT NOT NULL
+);
+
+CREATE TABLE telemetry_gaps (
+    device_id   TEXT NOT NULL,
+    first_seq   INTEGER NOT NULL,                  -- the missing sequence numbers, inclusive
+    last_seq    INTEGER NOT NULL,
+    noticed_at  TEXT NOT NULL,
+    PRIMARY KEY (device_id, first_seq)
+);
+
+CREATE TABLE metrics_windows (
+    device_id          TEXT NOT NULL,
+    seq                INTEGER NOT NULL,
+    model              TEXT NOT NULL,
+    version            TEXT NOT NULL,
+    role               TEXT NOT NULL,              -- primary | shadow
+    start              TEXT NOT NULL,
+    end                TEXT NOT NULL,
+    seconds            REAL NOT NULL,
+    requests           INTEGER NOT NULL,
+    errors             INTEGER NOT NULL,
+    timeouts           INTEGER NOT NULL,
+    fallbacks          INTEGER NOT NULL,
+    latency_p50_ms     REAL,
+    latency_p95_ms     REAL,
+    latency_p99_ms     REAL,
+    latency_counts     TEXT NOT NULL,              -- JSON list on LATENCY_BUCKETS_MS
+    batches            INTEGER NOT NULL,
+    batch_rows         INTEGER NOT NULL,
+    queue_ms_mean      REAL,
+    queue_ms_p95       REAL,
+    device             TEXT,
+    cpu_percent        REAL,
+    rss_mb             REAL,
+    outcomes           INTEGER NOT NULL,
+    outcome_successes  INTEGER NOT NULL,
+    compared           INTEGER NOT NULL,
+    agreements         INTEGER NOT NULL,
+    champion           TEXT,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX metrics_windows_by_version ON metrics_windows (model, version, start);
+CREATE INDEX metrics_windows_by_start ON metrics_windows (start);
+
+CREATE TABLE drift_windows (
+    device_id  TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    model      TEXT NOT NULL,
+    version    TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    start      TEXT NOT NULL,
+    end        TEXT NOT NULL,
+    rows       INTEGER NOT NULL,
+    unsampled  INTEGER NOT NULL,
+    features   TEXT NOT NULL,                      -- JSON {name: [counts]}
+    outputs    TEXT NOT NULL,                      -- JSON {name: [counts]}
+    psi        TEXT NOT NULL,                      -- JSON {name: psi of this window alone}
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX drift_windows_by_version ON drift_windows (model, version, start);
+CREATE INDEX drift_windows_by_start ON drift_windows (start);
+
+-- Raw windows older than the retention are summed per device, model, version, role and hour.
+CREATE TABLE metrics_hourly (
+    device_id          TEXT NOT NULL,
+    model              TEXT NOT NULL,
+    version            TEXT NOT NULL,
+    role               TEXT NOT NULL,
+    hour               TEXT NOT NULL,              -- ISO 8601 UTC, minutes and seconds zero
+    windows            INTEGER NOT NULL,
+    seconds            REAL NOT NULL,
+    requests           INTEGER NOT NULL,
+    errors             INTEGER NOT NULL,
+    timeouts           INTEGER NOT NULL,
+    fallbacks          INTEGER NOT NULL,
+    latency_counts     TEXT NOT NULL,
+    batches            INTEGER NOT NULL,
+    batch_rows         INTEGER NOT NULL,
+    outcomes           INTEGER NOT NULL,
+    outcome_successes  INTEGER NOT NULL,
+    compared           INTEGER NOT NULL,
+    agreements         INTEGER NOT NULL,
+    PRIMARY KEY (device_id, model, version, role, hour)
+);
+CREATE INDEX metrics_hourly_by_version ON metrics_hourly (model, version, hour);
+
+CREATE TABLE drift_hourly (
+    device_id  TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    version    TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    hour       TEXT NOT NULL,
+    windows    INTEGER NOT NULL,
+    rows       INTEGER NOT NULL,
+    features   TEXT NOT NULL,
+    outputs    TEXT NOT NULL,
+    PRIMARY KEY (device_id, model, version, role, hour)
+);
+CREATE INDEX drift_hourly_by_version ON drift_hourly (model, version, hour);
+"""
+
+# Drift alerts: raised when fleet-wide or per-group PSI crosses a threshold, cleared when it
+# falls back; one open alert per (model, version, scope, feature).
+_DRIFT_ALERTS = """
+CREATE TABLE drift_alerts (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    model        TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    scope        TEXT NOT NULL,                    -- 'fleet' or 'group:<name>'
+    feature      TEXT NOT NULL,                    -- a feature or output name of the profile
+    kind         TEXT NOT NULL,                    -- feature | output
+    level        TEXT NOT NULL,                    -- warn | alert
+    psi          REAL NOT NULL,
+    js           REAL,
+    threshold    REAL NOT NULL,
+    rows         INTEGER NOT NULL,                 -- rows the PSI was computed from
+    raised_at    TEXT NOT NULL,
+    updated_at   TEXT NOT NULL,
+    cleared_at   TEXT
+);
+CREATE UNIQUE INDEX drift_alerts_open ON drift_alerts (model, version, scope, feature)
+    WHERE cleared_at IS NULL;
+"""
+
 # Index 0 is migration 1. Each entry is SQL run as one script inside a transaction.
-MIGRATIONS: tuple[str, ...] = (_INITIAL,)
+MIGRATIONS: tuple[str, ...] = (_INITIAL, _TELEMETRY, _DRIFT_ALERTS)
