@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomllib
@@ -33,17 +34,22 @@ def _matches(pattern: str, topic: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def telegraf() -> dict:
+def telegraf() -> dict[str, Any]:
     with (PACKAGING / "telegraf" / "telegraf.conf").open("rb") as f:
         return tomllib.load(f)
 
 
 @pytest.fixture(scope="module")
-def dashboard() -> dict:
-    return json.loads((PACKAGING / "grafana" / "edgefleet-dashboard.json").read_text())
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(
+        (PACKAGING / "grafana" / "edgefleet-dashboard.json").read_text()
+    )
+    return loaded
 
 
-def test_telegraf_subscribes_to_every_telemetry_kind_and_only_those(telegraf: dict) -> None:
+def test_telegraf_subscribes_to_every_telemetry_kind_and_only_those(
+    telegraf: dict[str, Any],
+) -> None:
     consumer = telegraf["inputs"]["mqtt_consumer"][0]
     topics = Topics()
     for kind in RECORDS:
@@ -59,7 +65,7 @@ def test_telegraf_subscribes_to_every_telemetry_kind_and_only_those(telegraf: di
     assert consumer["qos"] == 1 and consumer["persistent_session"] is True
 
 
-def test_telegraf_tags_and_exclusions_name_real_fields(telegraf: dict) -> None:
+def test_telegraf_tags_and_exclusions_name_real_fields(telegraf: dict[str, Any]) -> None:
     consumer = telegraf["inputs"]["mqtt_consumer"][0]
     fields = {f.alias or name for m in RECORDS.values() for name, f in m.model_fields.items()}
     for tag in consumer["tag_keys"]:
@@ -68,13 +74,15 @@ def test_telegraf_tags_and_exclusions_name_real_fields(telegraf: dict) -> None:
         assert pattern.removesuffix("_*") in fields, pattern
 
 
-def _series(dashboard: dict) -> set[str]:
+def _series(dashboard: dict[str, Any]) -> set[str]:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     exprs += [v["query"] for v in dashboard["templating"]["list"]]
     return set(re.findall(r"\b(edgefleet_[a-z_]+[a-z])\b", " ".join(exprs)))
 
 
-def test_every_dashboard_series_is_a_published_field_or_an_agent_metric(dashboard: dict) -> None:
+def test_every_dashboard_series_is_a_published_field_or_an_agent_metric(
+    dashboard: dict[str, Any],
+) -> None:
     exported = AgentMetrics().render().decode()
     names = _series(dashboard)
     assert names, "the dashboard queries nothing"
@@ -89,7 +97,7 @@ def test_every_dashboard_series_is_a_published_field_or_an_agent_metric(dashboar
             assert re.search(rf"^# TYPE {name} ", exported, re.M), name
 
 
-def test_dashboard_has_unique_panel_ids_and_a_prometheus_input(dashboard: dict) -> None:
+def test_dashboard_has_unique_panel_ids_and_a_prometheus_input(dashboard: dict[str, Any]) -> None:
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     assert dashboard["__inputs"][0]["pluginId"] == "prometheus"
