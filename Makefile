@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,fleet,openvino,litert,export,export-torch
 
-.PHONY: run test check lint format bench bench-fleet clean lock
+.PHONY: run test check lint format bench bench-fleet bench-telemetry clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 ## bench-fleet: the fleet benchmark, 1,000 and 10,000 simulated devices (see benchmarks/fleet/README.md)
 bench-fleet: $(STAMP)
 	$(BIN)/python benchmarks/fleet/run.py
+
+## bench-telemetry: telemetry ingest at rising rates, in the service and with 2 workers (see benchmarks/telemetry/README.md)
+bench-telemetry: $(STAMP)
+	$(BIN)/python benchmarks/telemetry/ingest.py
 
 ## lock: re-pin constraints.txt from a fresh resolve of every extra
 lock:

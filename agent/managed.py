@@ -20,6 +20,8 @@ from agent.errors import LinkError
 from agent.mqtt import FleetLink, LinkConfig, TlsFiles, broker_address
 from agent.service import Agent
 from agent.settings import AgentSettings
+from agent.telemetry.reporter import TelemetryReporter
+from agent.telemetry.spool import TelemetrySpool
 from agent.trust.enrollment import identity_dir, open_catalogue
 from agent.trust.identity import IdentityFiles, load_device_key
 from agent.trust.state import TrustState
@@ -99,7 +101,8 @@ def link_config(settings: AgentSettings, enrollment: FleetEnrollment) -> LinkCon
 
 
 class ManagedDevice:
-    """The applier and the link of one running agent; :meth:`close` before the agent drains."""
+    """The applier, the telemetry reporter and the link of one running agent; :meth:`close`
+    before the agent drains."""
 
     def __init__(self, agent: Agent, settings: AgentSettings) -> None:
         state_dir = settings.state_dir
@@ -112,6 +115,19 @@ class ManagedDevice:
             )
         self.device_id = enrollment.device_id
         self.link = FleetLink(agent, link_config(settings, enrollment), self._desired)
+        # Telemetry waits in <state_dir>/telemetry.db until the broker acknowledges it.
+        self.telemetry: TelemetryReporter | None = None
+        if settings.telemetry:
+            spool = TelemetrySpool(
+                state_dir / "telemetry.db", max_records=settings.telemetry_spool_records
+            )
+            self.telemetry = TelemetryReporter(
+                agent.telemetry,
+                spool,
+                self.link,
+                settings.telemetry_window_s,
+                flush_timeout_s=self.link.config.close_timeout_s,
+            )
         self.catalogue = open_catalogue(state_dir)
         self.applier = UpdateApplier(
             agent,
@@ -131,6 +147,8 @@ class ManagedDevice:
         """
         self._recovery = asyncio.get_running_loop().create_task(self.applier.recover())
         self.link.start()
+        if self.telemetry is not None:
+            self.telemetry.start()
 
     async def _desired(self, raw: bytes) -> None:
         # Returns at once (after crash recovery, the first time): a newer desired state must be
@@ -138,7 +156,8 @@ class ManagedDevice:
         await self.applier.submit(raw)
 
     async def close(self) -> None:
-        """Say ``offline`` to the fleet and disconnect; the agent keeps serving until it drains."""
+        """Send the last telemetry window, say ``offline`` to the fleet and disconnect; the
+        agent keeps serving until it drains."""
         recovery = self._recovery
         if recovery is not None:
             recovery.cancel()  # a no-op once it has finished
@@ -148,7 +167,11 @@ class ManagedDevice:
                 pass
             except Exception:
                 log.exception("settling an interrupted update failed")
+        if self.telemetry is not None:
+            await self.telemetry.close()
         await self.link.close()
+        if self.telemetry is not None:
+            self.telemetry.spool.close()
         self.catalogue.close()
 
 

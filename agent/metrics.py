@@ -83,9 +83,26 @@ class AgentMetrics:
             ["model"],
             registry=r,
         )
+        # Set when a telemetry window is cut; a version without answers in it has none.
+        self.window_latency_p95 = Gauge(
+            "edgefleet_agent_window_latency_p95_seconds",
+            "95th percentile latency of the version's answers in the last telemetry window",
+            ["model", "version"],
+            registry=r,
+        )
+        self.drift_psi = Gauge(
+            "edgefleet_agent_drift_psi",
+            "PSI of a feature or output in the last telemetry window against the bundle's "
+            "reference",
+            ["model", "version", "feature"],
+            registry=r,
+        )
 
-    def observer(self, model: str, version: str) -> Callable[[int, int, int], None]:
-        """A batcher callback recording batch size, queue time and compute time."""
+    def observer(
+        self, model: str, version: str, window: Callable[[int, int], None] | None = None
+    ) -> Callable[[int, int, int], None]:
+        """A batcher callback recording batch size, queue time and compute time; ``window``
+        also gets each batch's rows and mean queue time (ns) for the telemetry window."""
         batch = self.batch_size.labels(model, version)
         queue = self.queue_seconds.labels(model, version)
         compute = self.compute_seconds.labels(model, version)
@@ -94,6 +111,8 @@ class AgentMetrics:
             batch.observe(rows)
             queue.observe(queue_ns / 1e9)
             compute.observe(compute_ns / 1e9)
+            if window is not None:
+                window(rows, queue_ns)
 
         return observe
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from agent.runtimes import get_backend
 from agent.selftest import make_inputs
 from agent.serving import ServedModel, check_fallback_compatible
 from agent.settings import AgentSettings
+from agent.shadow import Shadow, ShadowTelemetry
 from agent.store import InstalledModel, ModelStore
+from agent.telemetry.collector import TelemetryCollector
 from edgefleet import __version__
 from protocol.manifest import Manifest
 from protocol.mqtt import ProbationReport
@@ -28,6 +31,7 @@ __all__ = [
     "Agent",
     "AgentStatus",
     "ModelStatus",
+    "ShadowStatus",
     "SkippedDeviceStatus",
     "TrustReport",
     "UpdateReport",
@@ -39,6 +43,21 @@ log = logging.getLogger(__name__)
 class SkippedDeviceStatus(BaseModel):
     device: str
     reason: str
+
+
+class ShadowStatus(BaseModel):
+    """A challenger version run beside the primary, and how often it agreed with it."""
+
+    version: str
+    device: str
+    waiting: int
+    offered: int
+    skipped: int
+    answered: int
+    failed: int
+    compared: int
+    agreed: int
+    agreement: float | None  # agreed / compared rows; None before the first comparison
 
 
 class ModelStatus(BaseModel):
@@ -53,6 +72,7 @@ class ModelStatus(BaseModel):
     load_error: str | None
     inflight: int
     queue_depth: int
+    shadow: ShadowStatus | None = None
 
 
 class UpdateReport(BaseModel):
@@ -99,6 +119,8 @@ class Agent:
         self._fallback: ModelRunner | None = None
         # Set by whatever applies signed updates; the agent itself knows nothing of TUF.
         self.trust_status: Callable[[], TrustReport] | None = None
+        # Fed by the serving path whether or not anything reports its windows.
+        self.telemetry = TelemetryCollector(settings.telemetry_config(), self.metrics)
 
     async def start(self) -> None:
         """Install the configured bundles, load every active model, then report ready."""
@@ -134,7 +156,11 @@ class Agent:
             self.failed[installed.name] = str(e)
             return None
         self.models[runner.name] = ServedModel(
-            runner.name, self.settings.serving_config(), self.metrics, primary=runner
+            runner.name,
+            self.settings.serving_config(),
+            self.metrics,
+            primary=runner,
+            telemetry=self.telemetry,
         )
         return runner
 
@@ -159,6 +185,7 @@ class Agent:
             primary=primary,
             fallback=fallback,
             load_error=error,
+            telemetry=self.telemetry,
         )
 
     def _fallback_for(self, manifest: Manifest) -> ModelRunner | None:
@@ -175,11 +202,14 @@ class Agent:
             return None
         return fallback
 
-    async def load(self, installed: InstalledModel) -> ModelRunner:
-        """Resolve the device, self-test and warm up one installed version (off the loop)."""
-        return await asyncio.to_thread(self._load_blocking, installed)
+    async def load(self, installed: InstalledModel, *, shadow: bool = False) -> ModelRunner:
+        """Resolve the device, self-test and warm up one installed version (off the loop).
 
-    def _load_blocking(self, installed: InstalledModel) -> ModelRunner:
+        ``shadow``: the version will run as a shadow, never on the event loop itself.
+        """
+        return await asyncio.to_thread(self._load_blocking, installed, shadow)
+
+    def _load_blocking(self, installed: InstalledModel, shadow: bool = False) -> ModelRunner:
         manifest = installed.manifest
         backend = get_backend(manifest.runtime)
         resolution = resolve(
@@ -207,7 +237,11 @@ class Agent:
             ",".join(resolution.requested),
             resolution.device,
         ).set(1)
-        observe = self.metrics.observer(manifest.name, manifest.version)
+        observe = self.metrics.observer(
+            manifest.name,
+            manifest.version,
+            self.telemetry.batches(manifest.name, manifest.version),
+        )
         log.info(
             "model loaded",
             extra={
@@ -216,7 +250,11 @@ class Agent:
                 "device": resolution.device,
             },
         )
-        return ModelRunner(manifest, resolution, self.settings.runner_config(), observe)
+        config = self.settings.runner_config()
+        if shadow:
+            # Inline runs compute on the event loop: a caller would wait for the shadow.
+            config = dataclasses.replace(config, inline_below_us=0)
+        return ModelRunner(manifest, resolution, config, observe)
 
     async def install(self, bundle: Path) -> InstalledModel:
         """Verify and unpack a bundle into the store (off the loop); it is not activated."""
@@ -235,6 +273,7 @@ class Agent:
                 self.metrics,
                 primary=runner,
                 fallback=self._fallback_for(runner.manifest),
+                telemetry=self.telemetry,
             )
         else:
             await served.swap(runner)
@@ -258,6 +297,52 @@ class Agent:
                 runner.close()
             raise
         return runner
+
+    async def attach_shadow(self, runner: ModelRunner) -> None:
+        """Run a loaded, self-tested version as the shadow of its model's primary; a shadow it
+        had before is unloaded. Raises :class:`ModelNotReadyError` when nothing serves the
+        model: a shadow is compared with the primary's answers."""
+        served = self.models.get(runner.name)
+        if served is None or served.primary is None:
+            raise ModelNotReadyError(
+                f"cannot run {runner.name}@{runner.version} as a shadow: no primary version of "
+                f"{runner.name} is serving to compare it with"
+            )
+        old = served.shadow
+        served.shadow = Shadow(
+            runner,
+            served.primary.manifest.outputs,
+            self.settings.shadow_config(),
+            self._shadow_telemetry(runner),
+        )
+        log.info(
+            "shadow attached",
+            extra={"model": runner.name, "version": runner.version, "device": runner.device},
+        )
+        if old is not None:
+            await old.close()
+
+    async def detach_shadow(self, name: str) -> str | None:
+        """Stop and unload the shadow of ``name``; returns its version, None if it had none."""
+        served = self.models.get(name)
+        if served is None or served.shadow is None:
+            return None
+        shadow, served.shadow = served.shadow, None
+        await shadow.close()
+        log.info("shadow detached", extra={"model": name, "version": shadow.version})
+        return shadow.version
+
+    def shadow_version(self, name: str) -> str | None:
+        """The version running as the shadow of ``name``, if any."""
+        served = self.models.get(name)
+        return served.shadow.version if served is not None and served.shadow else None
+
+    def _shadow_telemetry(self, runner: ModelRunner) -> ShadowTelemetry | None:
+        if not self.telemetry.enabled:
+            return None
+        telemetry = self.telemetry.version(runner.name, runner.version, "shadow")
+        telemetry.device = runner.device
+        return telemetry
 
     def serving_version(self, name: str) -> str | None:
         """The version the primary of ``name`` runs, or None when none is loaded."""
@@ -323,13 +408,33 @@ class Agent:
             load_error=served.load_error,
             inflight=runner.inflight if runner else 0,
             queue_depth=runner.batcher.depth if runner else 0,
+            shadow=_shadow_status(served.shadow) if served.shadow else None,
         )
 
     async def close(self) -> None:
         """Drain and unload every model."""
+        for name in list(self.models):
+            await self.detach_shadow(name)
         runners = {id(s.primary): s.primary for s in self.models.values() if s.primary}
         for runner in runners.values():
             await runner.drain()
             runner.close()
         self.models.clear()
         self.ready = False
+        self.telemetry.close()
+
+
+def _shadow_status(shadow: Shadow) -> ShadowStatus:
+    counts = shadow.counts
+    return ShadowStatus(
+        version=shadow.version,
+        device=shadow.runner.device,
+        waiting=shadow.waiting,
+        offered=counts.offered,
+        skipped=counts.skipped,
+        answered=counts.answered,
+        failed=counts.failed,
+        compared=counts.compared,
+        agreed=counts.agreed,
+        agreement=counts.agreed / counts.compared if counts.compared else None,
+    )

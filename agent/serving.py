@@ -29,6 +29,8 @@ from agent.errors import (
 )
 from agent.metrics import AgentMetrics
 from agent.runner import ModelRunner
+from agent.shadow import Shadow
+from agent.telemetry.collector import TelemetryCollector, VersionTelemetry
 from agent.windows import VersionCounter
 from protocol.manifest import TensorSpec
 
@@ -69,6 +71,7 @@ class ServedModel:
         primary: ModelRunner | None,
         fallback: ModelRunner | None = None,
         load_error: str | None = None,
+        telemetry: TelemetryCollector | None = None,
     ) -> None:
         if primary is None and fallback is None:
             raise ModelNotReadyError(f"model {name!r} has neither a primary nor a fallback loaded")
@@ -83,8 +86,12 @@ class ServedModel:
         self._latency = metrics.request_seconds.labels(name)
         self._answered = self._answered_by(primary)
         self._window = self._window_of(primary)
+        self._collector = telemetry if telemetry is not None and telemetry.enabled else None
+        self._telemetry = self._telemetry_of(primary)
         self._circuit_gauge = metrics.circuit_open.labels(name)
         self._circuit_was_open = False
+        # A challenger fed the primary's answered requests off the request path (agent/shadow.py).
+        self.shadow: Shadow | None = None
 
     @property
     def serving(self) -> ModelRunner:
@@ -109,6 +116,14 @@ class ServedModel:
             return None
         return self._metrics.windows.counter(self.name, primary.version)
 
+    def _telemetry_of(self, primary: ModelRunner | None) -> VersionTelemetry | None:
+        """The primary's telemetry window, looked up once per version like its Counter."""
+        if primary is None or self._collector is None:
+            return None
+        telemetry = self._collector.version(self.name, primary.version)
+        telemetry.device = primary.device
+        return telemetry
+
     def observe_latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
 
@@ -127,6 +142,7 @@ class ServedModel:
     async def _infer(self, inputs: Mapping[str, np.ndarray], rows: int) -> Answer:
         # Taken together: a swap during this request must not move its count to the new version.
         primary, answered, window = self.primary, self._answered, self._window
+        telemetry = self._telemetry
         error: AgentError
         if primary is None:
             reason = "primary_not_loaded"
@@ -138,6 +154,8 @@ class ServedModel:
             # Its own failures opened the circuit: for probation the version failed this one too.
             assert window is not None  # set with every primary
             window.failed(time.perf_counter())
+            if telemetry is not None:
+                telemetry.failed(timeout=False)
         else:
             started = time.perf_counter()
             try:
@@ -146,10 +164,10 @@ class ServedModel:
                 raise  # a full queue is back-pressure, not a model failure
             except DeadlineExceededError as e:
                 reason, error = "deadline", e
-                self._record_failure(reason, window)
+                self._record_failure(reason, window, telemetry)
             except AgentError as e:
                 reason, error = "error", e
-                self._record_failure(reason, window)
+                self._record_failure(reason, window, telemetry)
             else:
                 finished = time.perf_counter()
                 self.circuit.record_success()
@@ -160,6 +178,11 @@ class ServedModel:
                 assert window is not None
                 answered.inc()
                 window.answered(finished - started, finished)
+                if telemetry is not None:
+                    telemetry.answered(finished - started)
+                    telemetry.observe(inputs, outputs, primary.manifest.drift)
+                if self.shadow is not None:
+                    self.shadow.offer(inputs, rows, outputs, primary.version)
                 return Answer(outputs, primary.manifest.outputs, self.name, primary.version, False)
         fallback = self.fallback
         if fallback is None:
@@ -170,14 +193,23 @@ class ServedModel:
         self._metrics.requests.labels(fallback.name, fallback.version, "true").inc()
         if window is not None:
             window.fell_back()
+        if telemetry is not None:
+            telemetry.fell_back()
         return Answer(
             outputs, fallback.manifest.outputs, fallback.name, fallback.version, True, reason
         )
 
-    def _record_failure(self, reason: str, window: VersionCounter | None) -> None:
+    def _record_failure(
+        self,
+        reason: str,
+        window: VersionCounter | None,
+        telemetry: VersionTelemetry | None = None,
+    ) -> None:
         self._metrics.failures.labels(self.name, reason).inc()
         if window is not None:
             window.failed(time.perf_counter())
+        if telemetry is not None:
+            telemetry.failed(timeout=reason == "deadline")
         self.circuit.record_failure()
         if self.circuit.state is CircuitState.OPEN:
             self._circuit_was_open = True
@@ -195,6 +227,7 @@ class ServedModel:
         old, self.primary = self.primary, runner
         self._answered = self._answered_by(runner)
         self._window = self._window_of(runner)
+        self._telemetry = self._telemetry_of(runner)
         self.load_error = None
         self.circuit.record_success()
         self._cache.clear()

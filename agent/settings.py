@@ -14,6 +14,8 @@ from agent.errors import ModelLoadError
 from agent.runner import RunnerConfig
 from agent.runtimes.base import RuntimeOptions
 from agent.serving import ServingConfig
+from agent.shadow import ShadowConfig
+from agent.telemetry.collector import TelemetryConfig
 from protocol.mqtt import DEFAULT_ROOT
 
 __all__ = ["AgentSettings", "default_state_dir"]
@@ -103,6 +105,17 @@ class AgentSettings(BaseSettings):
     probation_min_latency_ms: float = Field(
         default=1.0, ge=0, description="ms; smaller p95 latency increases never roll back"
     )
+    # A shadow version: fed the primary's answered requests off the request path, compared.
+    shadow_queue: int = Field(
+        default=64, ge=1, description="requests waiting for the shadow; more are not compared"
+    )
+    shadow_compare: Literal["auto", "argmax", "allclose"] = Field(
+        default="auto",
+        description="how answers agree: auto = equal labels if the model has any, else allclose; "
+        "argmax = the same top score per row (classifiers that output only scores)",
+    )
+    shadow_rtol: float = Field(default=1e-3, ge=0, description="allclose relative tolerance")
+    shadow_atol: float = Field(default=1e-4, ge=0, description="allclose absolute tolerance")
     update_progress_interval_s: float = Field(
         default=1.0, gt=0, description="s; at most one download progress message per interval"
     )
@@ -122,6 +135,23 @@ class AgentSettings(BaseSettings):
     )
     state_interval_s: float = Field(
         default=30.0, gt=0, description="s between state heartbeats to the fleet"
+    )
+    # Telemetry: per-window metrics and drift counts of every served version.
+    telemetry: bool = Field(
+        default=True, description="count per-window metrics and drift; off: nothing is counted"
+    )
+    telemetry_window_s: float = Field(default=10.0, gt=0, description="s per telemetry window")
+    telemetry_drift_min_rows: int = Field(
+        default=200, ge=1, description="rows a window needs before its PSI raises a drift alert"
+    )
+    telemetry_drift_buffer_rows: int = Field(
+        default=65536, ge=1, description="rows waiting for drift counting; more are unsampled"
+    )
+    telemetry_spool_records: int = Field(
+        default=10_000,
+        ge=1,
+        description="telemetry records kept on disk while the fleet is unreachable; past it the "
+        "oldest go and the next record says how many",
     )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -160,6 +190,22 @@ class AgentSettings(BaseSettings):
             drain_timeout=self.drain_s,
             workers=self.workers,
             inline_below_us=self.inline_below_us,
+        )
+
+    def shadow_config(self) -> ShadowConfig:
+        return ShadowConfig(
+            queue=self.shadow_queue,
+            deadline=self.deadline_ms / 1000,  # the deadline it would have as the primary
+            compare=self.shadow_compare,
+            rtol=self.shadow_rtol,
+            atol=self.shadow_atol,
+        )
+
+    def telemetry_config(self) -> TelemetryConfig:
+        return TelemetryConfig(
+            enabled=self.telemetry,
+            drift_min_rows=self.telemetry_drift_min_rows,
+            drift_buffer_rows=self.telemetry_drift_buffer_rows,
         )
 
     def serving_config(self) -> ServingConfig:

@@ -19,6 +19,7 @@ from edgefleet.cli_fleet_common import (
     parse_duration,
     write_file,
 )
+from edgefleet.cli_fleet_ingest import ingest
 from edgefleet.cli_fleet_keys import keys
 from edgefleet.cli_fleet_ops import COMMANDS as OPERATOR_COMMANDS
 from edgefleet.cli_fleet_ops import publish_bundle
@@ -56,9 +57,11 @@ def fleet(ctx: click.Context, home: Path | None) -> None:
         ctx.find_root().meta["edgefleet.fleet.home"] = home
 
 
-# `fleet keys ...` are defined in edgefleet.cli_fleet_keys, `fleet serve` in cli_fleet_serve.
+# `fleet keys ...` are defined in edgefleet.cli_fleet_keys, `fleet serve` in cli_fleet_serve,
+# `fleet ingest` in cli_fleet_ingest.
 fleet.add_command(keys)
 fleet.add_command(serve)
+fleet.add_command(ingest)
 # `fleet devices|label|rollout|tokens` talk to the running service: cli_fleet_ops.
 for _command in OPERATOR_COMMANDS:
     fleet.add_command(_command)

@@ -1,5 +1,6 @@
-"""``edgefleet fleet rollout create|status|approve|pause|resume|abort``: rollouts over the
-fleet's REST API, with a live view that follows a rollout wave by wave until it ends."""
+"""``edgefleet fleet rollout create|status|experiment|approve|pause|resume|abort``: rollouts
+over the fleet's REST API, with a live view that follows a rollout wave by wave until it ends,
+and the verdict of a rollout's experiment."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from edgefleet.cli_errors import reported
 from edgefleet.cli_fleet_api import api_client, api_options, dump, first_problem, table
 from edgefleet.cli_fleet_common import parse_duration
 from fleet.api.client import FleetApiClient, RolloutCommandName
-from fleet.rollouts.spec import GatePolicy, RolloutPolicy, RolloutSpec
+from fleet.experiments import ExperimentVerdict
+from fleet.rollouts.spec import ExperimentPolicy, GatePolicy, RolloutPolicy, RolloutSpec
 from fleet.rollouts.view import RolloutView
 from fleet.store import Selector
 
-__all__ = ["render_rollout", "rollout"]
+__all__ = ["render_experiment", "render_rollout", "rollout"]
 
 # A rollout is over once nothing will change on its own any more.
 _ENDED = frozenset({"completed", "superseded"})
@@ -66,6 +68,22 @@ def _waves(text: str) -> tuple[float, ...]:
     help="Requests a wave must serve before its rate and latency gates judge; 0 judges an "
     "idle wave on install outcomes alone.",
 )
+@click.option(
+    "--experiment",
+    type=click.Choice(["ab", "shadow"]),
+    help="ab: only --split of the devices get VERSION, the rest are the control arm; shadow: "
+    "every device runs VERSION beside what it serves, compared, never answering. See the "
+    "verdict with `rollout experiment`.",
+)
+@click.option("--split", type=float, default=0.5, show_default=True, help="ab: treatment share.")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="Significance level.")
+@click.option(
+    "--min-samples",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Requests each arm needs before the experiment has a verdict.",
+)
 @click.option("--supersede", is_flag=True, help="Take devices over from an active rollout.")
 @click.option("--watch", is_flag=True, help="Then follow it until it ends.")
 @api_options
@@ -84,6 +102,10 @@ def rollout_create(
     on_failure: str,
     approval: str,
     min_requests: int,
+    experiment: str | None,
+    split: float,
+    alpha: float,
+    min_samples: int,
     supersede: bool,
     watch: bool,
     url: str,
@@ -101,8 +123,19 @@ def rollout_create(
       edgefleet fleet rollout create digits 2.0.0 --group store-cameras --watch
       edgefleet fleet rollout create digits 2.0.0 --tag canary --waves 50,100 --soak 5m \\
           --approval manual --on-failure pause
+      edgefleet fleet rollout create digits 2.0.0 --group store-cameras --experiment ab
     """
     try:
+        trial = (
+            None
+            if experiment is None
+            else ExperimentPolicy(
+                mode=experiment,  # type: ignore[arg-type]  # click.Choice checked it
+                split=split,
+                alpha=alpha,
+                min_samples=min_samples,
+            )
+        )
         spec = RolloutSpec(
             model=model,
             version=version,
@@ -114,6 +147,7 @@ def rollout_create(
                 on_failure=on_failure,  # type: ignore[arg-type]  # click.Choice checked it
                 approval=approval,  # type: ignore[arg-type]
                 gates=GatePolicy(min_requests=min_requests),
+                experiment=trial,
             ),
             supersede=supersede,
         )
@@ -172,6 +206,81 @@ def rollout_status(
             dump(client.rollout(rollout_id))
         else:
             click.echo(render_rollout(client.rollout(rollout_id)))
+
+
+@rollout.command("experiment")
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
+@api_options
+@click.pass_context
+@reported
+def rollout_experiment(
+    ctx: click.Context, rollout_id: str, as_json: bool, url: str, token: str | None
+) -> None:
+    """Show the verdict of a rollout's experiment: each arm, each metric's test and p-value.
+
+    \b
+    The verdict is insufficient (an arm has fewer requests than --min-samples; it says how
+    many more), treatment_worse (a metric significantly worse on the new version),
+    treatment_better (something better, nothing worse) or no_difference.
+
+    \b
+    Examples:
+      edgefleet fleet rollout experiment r-7f3a2c
+      edgefleet fleet rollout experiment r-7f3a2c --json
+    """
+    with api_client(ctx, url, token) as client:
+        verdict = client.experiment(rollout_id)
+    if as_json:
+        dump(verdict)
+    else:
+        click.echo(render_experiment(verdict))
+
+
+def render_experiment(verdict: ExperimentVerdict) -> str:
+    """The verdict of an experiment: the arms, a line per metric, and the overall verdict."""
+    t, c = verdict.treatment, verdict.control
+    arms = "shadow beside the primary" if verdict.mode == "shadow" else "A/B cohorts"
+    lines = [
+        f"experiment of rollout {verdict.rollout_id}  {verdict.model}@{verdict.version}  "
+        f"({arms}, alpha {verdict.alpha:g}, {verdict.min_samples} requests per arm needed)",
+        f"  since {verdict.since.astimezone():%Y-%m-%d %H:%M:%S}",
+    ]
+    for arm in (t, c):
+        versions = ", ".join(arm.versions) or "-"
+        lines.append(
+            f"  {arm.name:<9} {arm.role:<7} {versions:<16} {arm.devices} devices  "
+            f"{arm.requests} requests"
+        )
+    rows = [
+        [
+            m.name,
+            _value(m.name, m.treatment),
+            _value(m.name, m.control),
+            f"{m.treatment_samples}/{m.control_samples}",
+            "-" if m.statistic is None else f"{m.statistic:.2f}",
+            "-" if m.p_value is None else f"{m.p_value:.3g}",
+            (m.better or "-") if m.significant else ("not tested" if m.p_value is None else "no"),
+        ]
+        for m in verdict.metrics
+    ]
+    header = ["METRIC", "TREATMENT", "CONTROL", "SAMPLES", "Z", "P", "SIGNIFICANT"]
+    lines += ["", *("  " + line for line in table(header, rows).splitlines())]
+    if verdict.agreement is not None:
+        a = verdict.agreement
+        rate = "-" if a.rate is None else f"{a.rate:.2%}"
+        lines.append(
+            f"\n  agreement with the primary: {rate} of {a.compared} rows "
+            f"({a.confidence:.0%} interval {a.low:.2%} - {a.high:.2%})"
+        )
+    lines.append(f"\nverdict: {verdict.verdict}  ({verdict.reason})")
+    return "\n".join(lines)
+
+
+def _value(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g} ms" if metric == "latency" else f"{value:.2%}"
 
 
 def _rollout_list(listed: Sequence[RolloutView]) -> str:

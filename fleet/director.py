@@ -54,9 +54,11 @@ class Director:
         self._clock = clock
 
     async def publish(
-        self, targets: Mapping[str, ModelTarget], rollout_id: str | None
+        self, targets: Mapping[str, ModelTarget | tuple[ModelTarget, ...]], rollout_id: str | None
     ) -> dict[str, int]:
-        """Sign and publish one desired state per device; returns each device's sequence."""
+        """Sign and publish one desired state per device; returns each device's sequence.
+
+        A device's entry is one target, or a tuple of them (a primary and a shadow)."""
         if not targets:
             return {}
         seqs = self._store.devices.next_seqs(targets)
@@ -69,7 +71,7 @@ class Director:
                     issued=issued,
                     expires=issued + self._validity,
                     rollout_id=rollout_id,
-                    models=(target,),
+                    models=(target,) if isinstance(target, ModelTarget) else target,
                 ),
                 self._key,
             ).to_json()

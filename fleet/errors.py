@@ -4,13 +4,16 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "DriftUnavailableError",
     "EnrollmentError",
     "FleetApiError",
     "FleetError",
     "InvalidBundleError",
+    "InvalidQueryError",
     "InvalidRolloutError",
     "KeyFileError",
     "LinkError",
+    "NoExperimentError",
     "PermissionDeniedError",
     "PublishUnavailableError",
     "RepositoryError",
@@ -87,6 +90,10 @@ class RolloutConflictError(RolloutError):
     """A rollout clashes with another one, or a command does not fit its state (HTTP 409)."""
 
 
+class NoExperimentError(RolloutConflictError):
+    """A rollout runs no experiment, so it has no verdict to show (HTTP 409)."""
+
+
 class UnknownRolloutError(RolloutError):
     """No rollout with that id (HTTP 404)."""
 
@@ -109,6 +116,21 @@ class TokenConflictError(FleetError):
 
 class InvalidBundleError(FleetError):
     """A bundle offered for publishing is not a valid bundle; the message names the problem."""
+
+
+class InvalidQueryError(FleetError):
+    """A query parameter is malformed or names what does not exist (HTTP 422).
+
+    ``parameter`` names it; the message starts with it and says what would be accepted.
+    """
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+class DriftUnavailableError(FleetError):
+    """A model version has no drift profile, so its counts have no bins to compare (HTTP 409)."""
 
 
 class PublishUnavailableError(FleetError):

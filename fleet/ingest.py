@@ -1,5 +1,5 @@
 """What devices say, taken in: ``state`` into the registry, ``update`` into the rollouts,
-``events`` into the log.
+``events`` into the log, ``telemetry`` to :class:`fleet.telemetry.ingest.TelemetryIngest`.
 
 Nothing a device sends can stop the service: a message on an unexpected topic, too large, not
 JSON, of the wrong schema, or naming another device than its topic is logged with its reason,
@@ -18,6 +18,7 @@ from fleet.errors import FleetError
 from fleet.link import Incoming
 from fleet.store import Store
 from fleet.store.db import transaction
+from fleet.telemetry.ingest import TelemetryIngest
 from protocol.mqtt import AgentState, DeviceEvent, MessageError, Topics, UpdateProgress, decode
 
 __all__ = ["DeviceMessages", "UpdateSink"]
@@ -45,16 +46,33 @@ class DeviceMessages:
         topics: Topics,
         *,
         clock: Callable[[], datetime] = _utc_now,
+        telemetry: TelemetryIngest | None = None,
     ) -> None:
         self._store = store
         self._updates = updates
         self._topics = topics
         self._clock = clock
+        self._telemetry = telemetry
         self.rejected: Counter[str] = Counter()
         self.accepted: Counter[str] = Counter()
         self._repeated: dict[str, tuple[int | None, str]] = {}  # device -> last (seq, stage) seen
 
     async def __call__(self, batch: Sequence[Incoming]) -> None:
+        telemetry = self._telemetry
+        records: list[Incoming] = []
+        if telemetry is not None:
+            rest: list[Incoming] = []
+            for message in batch:
+                (records if telemetry.is_telemetry(message.topic) else rest).append(message)
+            batch = rest
+        if batch:
+            self._take_batch(batch)
+        if records and telemetry is not None:
+            # After the rollouts' messages, in chunks of their own: a backlog of telemetry
+            # must not hold an update up.
+            await telemetry(records)
+
+    def _take_batch(self, batch: Sequence[Incoming]) -> None:
         now = self._clock()
         heard: set[str] = set()
         # One transaction per batch: thousands of devices answering at once cost one commit,
@@ -114,7 +132,8 @@ class DeviceMessages:
                 },
             )
         else:
-            # Subscribed to state, update and events only; anything else is a broker mix-up.
+            # Telemetry went to its own ingest (when this service takes it); anything else is a
+            # broker mix-up.
             raise MessageError(f"the fleet does not read {topic.kind} messages", reason="topic")
         return topic.kind, device_id
 

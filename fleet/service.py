@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -25,6 +26,9 @@ from fleet.link import FleetLink, Incoming, TlsFiles
 from fleet.rollouts.engine import RolloutEngine
 from fleet.settings import FleetSettings
 from fleet.store import Store, open_store
+from fleet.telemetry.alerts import DriftMonitor
+from fleet.telemetry.ingest import TelemetryIngest
+from fleet.telemetry.retention import TelemetryRetention
 from fleet.trust.enroll_http import fleet_trust_app, load_director_key
 from protocol.director import SignedDesiredState
 from protocol.mqtt import Topics
@@ -52,7 +56,14 @@ class FleetService:
             EmbeddedBroker(settings.embedded_broker_port) if settings.embedded_broker else None
         )
         self.link = FleetLink(
-            settings.service_broker_url, self.topics, self._on_messages, tls=self._tls()
+            settings.service_broker_url,
+            self.topics,
+            self._on_messages,
+            tls=self._tls(),
+            # With ingest workers on a shared subscription, telemetry is theirs alone.
+            subscriptions=[self.topics.every_device(k) for k in ("state", "update", "events")]
+            if settings.ingest_workers
+            else None,
         )
         self.director = Director(
             self.store,
@@ -63,7 +74,13 @@ class FleetService:
             clock=clock,
         )
         self.engine = RolloutEngine(self.store, self.director, clock=clock)
-        self.messages = DeviceMessages(self.store, self.engine, self.topics, clock=clock)
+        # Kept with ingest workers too: telemetry its session queued before they took over.
+        self.telemetry = TelemetryIngest(self.store, self.topics, clock=clock)
+        self.retention = TelemetryRetention.from_settings(self.store, settings)
+        self.drift_monitor = DriftMonitor.from_settings(self.store, settings, clock)
+        self.messages = DeviceMessages(
+            self.store, self.engine, self.topics, clock=clock, telemetry=self.telemetry
+        )
         self._ticker: asyncio.Task[None] | None = None
 
     def _tls(self) -> TlsFiles | None:
@@ -95,6 +112,9 @@ class FleetService:
         await self.link.start()
         self._republish()
         self._ticker = asyncio.create_task(self._tick())
+        # What start-up allocated lives as long as the service: out of the collector's full
+        # passes, which telemetry ingest (many short-lived objects) would otherwise trigger often.
+        gc.freeze()
         log.info(
             "fleet service running",
             extra={
@@ -136,6 +156,8 @@ class FleetService:
             except Exception:
                 # A bug in one step must not stop every rollout until a restart.
                 log.exception("rollout step failed unexpectedly; retrying")
+            await self.retention.tick(self.clock())  # logs its own failures
+            await self.drift_monitor.tick()  # so does this
             await asyncio.sleep(self.settings.tick_s)
 
     # -- HTTP --------------------------------------------------------------------------------

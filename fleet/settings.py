@@ -45,6 +45,29 @@ class FleetSettings(FleetTrustSettings):
     api_max_upload_mb: float = Field(
         default=2112.0, gt=0, description="largest bundle upload POST /models accepts, in MiB"
     )
+    ingest_workers: int = Field(
+        default=0,
+        ge=0,
+        description="0: the service takes telemetry itself; N: `fleet ingest --workers N` does",
+    )
+    telemetry_raw_hours: float = Field(
+        default=48.0, gt=0, description="hours raw telemetry windows are kept before rollup"
+    )
+    telemetry_retention_days: float = Field(
+        default=30.0, gt=0, description="days hourly telemetry rollups are kept"
+    )
+    telemetry_compact_s: float = Field(
+        default=600.0, gt=0, description="seconds between telemetry rollup and expiry passes"
+    )
+    drift_check_s: float = Field(
+        default=30.0, gt=0, description="seconds between drift alert checks"
+    )
+    drift_window_s: float = Field(
+        default=600.0, gt=0, description="seconds of drift counts each alert check sums"
+    )
+    drift_min_rows: int = Field(
+        default=500, ge=1, description="rows a feature needs in the window before it alerts"
+    )
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> FleetSettings:
@@ -53,6 +76,11 @@ class FleetSettings(FleetTrustSettings):
             object.__setattr__(self, "broker_url", f"mqtt://127.0.0.1:{self.embedded_broker_port}")
         if not self.service_broker_url:
             object.__setattr__(self, "service_broker_url", self.broker_url)
+        if self.embedded_broker and self.ingest_workers:
+            raise ValueError(
+                "ingest_workers needs a broker with shared subscriptions ($share), which the "
+                "embedded broker (amqtt) does not have: run Mosquitto, or set ingest_workers 0"
+            )
         return self
 
     @property

@@ -19,7 +19,16 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from protocol.errors import ProtocolError
 
@@ -82,6 +91,20 @@ class ModelTarget(_Frozen):
     target_path: str = Field(min_length=1, max_length=512)
     sha256: str = Field(pattern=_SHA256)
     length: int = Field(gt=0, description="bytes")
+    role: Literal["primary", "shadow"] = Field(
+        default="primary",
+        description="shadow: loaded beside the primary and fed the same inputs; its answers "
+        "are compared, never returned",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # "primary" is left out: a document signed before targets had roles keeps its bytes,
+        # so its signature still verifies.
+        data: dict[str, Any] = handler(self)
+        if data.get("role") == "primary":
+            del data["role"]
+        return data
 
     @model_validator(mode="after")
     def _relative_path(self) -> ModelTarget:
@@ -115,11 +138,18 @@ class DesiredState(_Frozen):
                 f"({self.issued.isoformat()})"
             )
         seen: set[tuple[str, str]] = set()
+        roles: set[tuple[str, str]] = set()
         for model in self.models:
             key = (model.name, model.version)
             if key in seen:
                 raise ValueError(f"models lists {model.name}@{model.version} twice")
             seen.add(key)
+            if (model.name, model.role) in roles:
+                raise ValueError(
+                    f"models lists two {model.role} versions of {model.name}; a device runs "
+                    "one primary and at most one shadow per model"
+                )
+            roles.add((model.name, model.role))
         return self
 
 

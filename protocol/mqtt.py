@@ -208,6 +208,9 @@ class ActiveModel(BaseModel):
     device: str | None = Field(default=None, max_length=64, description="where it really runs")
     fallback: str | None = Field(default=None, max_length=200, description="name@version")
     error: str | None = Field(default=None, max_length=2000, description="why it is not loaded")
+    shadow: str | None = Field(
+        default=None, max_length=128, description="the version running beside it as a shadow"
+    )
 
 
 class TrustSummary(BaseModel):

@@ -25,6 +25,7 @@ from agent.errors import (
 from agent.http.errors import error_response
 from agent.http.views import model_config, model_metadata, model_stats, server_metadata
 from agent.service import Agent
+from agent.telemetry.outcome import record_outcome
 
 __all__ = ["AgentApp"]
 
@@ -109,6 +110,9 @@ class AgentApp:
         action = rest[0] if len(rest) == 1 else None if not rest else "?"
         if action == "infer" and method == "POST":
             return await self._infer(name, version, scope, receive)
+        if action == "outcome" and method == "POST":
+            body = await self._read_body(receive)
+            return _json(record_outcome(self.agent, name, version, body))
         if method != "GET" or action not in (None, "ready", "config", "stats"):
             raise _not_found(method, scope["path"])
         if action == "ready":

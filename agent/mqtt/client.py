@@ -77,6 +77,8 @@ class Message:
 
 
 ConnectHandler = Callable[[bool], None]  # called on the loop with "session present"
+PublishedHandler = Callable[[int], None]  # called on the loop with an acknowledged message id
+ConnectionHandler = Callable[[bool], None]  # called on the loop: True when up, False when lost
 
 
 class MqttClient:
@@ -91,6 +93,8 @@ class MqttClient:
         self.dropped = 0  # received messages dropped because the queue was full
         self.connected = asyncio.Event()
         self._on_connect_handler = on_connect
+        self._published_handlers: list[PublishedHandler] = []
+        self._connection_handlers: list[ConnectionHandler] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failing = False  # a connection failure was already logged at warning level
         self._up = False  # the broker accepted the current connection (CONNACK)
@@ -120,6 +124,7 @@ class MqttClient:
         self._paho.on_disconnect = self._on_disconnect
         self._paho.on_message = self._on_message
         self._paho.on_subscribe = self._on_subscribe
+        self._paho.on_publish = self._on_publish
         self._paho.on_log = self._on_log
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -151,6 +156,20 @@ class MqttClient:
         self._paho.disconnect()
         await asyncio.to_thread(self._paho.loop_stop)
         self.connected.clear()
+
+    def watch(
+        self,
+        *,
+        published: PublishedHandler | None = None,
+        connection: ConnectionHandler | None = None,
+    ) -> None:
+        """Also call ``published`` with the id (``MQTTMessageInfo.mid``) of every QoS 1 message
+        the broker acknowledged, and ``connection`` with True when the broker accepted a
+        connection and False when it is gone; both on the event loop."""
+        if published is not None:
+            self._published_handlers.append(published)
+        if connection is not None:
+            self._connection_handlers.append(connection)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -220,6 +239,17 @@ class MqttClient:
         if level == mqtt.MQTT_LOG_ERR:
             self._last_error = text
 
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._published_handlers:
+            self._to_loop(self._published, mid)
+
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self._to_loop(self._deliver, Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
@@ -258,6 +288,12 @@ class MqttClient:
         )
         if self._on_connect_handler is not None and not self._stopped:
             self._on_connect_handler(session_present)
+        for handler in self._connection_handlers:
+            handler(True)
+
+    def _published(self, mid: int) -> None:
+        for handler in self._published_handlers:
+            handler(mid)
 
     def _refused(self, reason: str) -> None:
         # paho retries with backoff; a refusal (an unknown identity, say) repeats until fixed.
@@ -281,6 +317,8 @@ class MqttClient:
     def _disconnected(self, reason: str | None) -> None:
         self.connected.clear()
         up, self._up = self._up, False
+        for handler in self._connection_handlers:
+            handler(False)
         if reason is None or self._stopped:
             return
         if not up:  # closed before the broker accepted us: a refused TLS handshake, say

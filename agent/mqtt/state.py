@@ -100,6 +100,7 @@ class StateReporter:
             device=m.device,
             fallback=m.fallback,
             error=error[:_MAX_ERROR] if error else None,
+            shadow=m.shadow.version if m.shadow else None,
         )
 
     def _digest(self, name: str, version: str) -> str | None:

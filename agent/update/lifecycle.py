@@ -2,6 +2,11 @@
 (resumable) → verify and unpack → load and self-test → activate (hot swap) → probation →
 commit, or roll back by itself and say why.
 
+A target with role ``shadow`` is downloaded, verified, loaded and self-tested like any version,
+but never switched to and never on probation: it starts running beside its model's primary when
+the desired state commits (agent/shadow.py). A committed desired state without a model's shadow
+unloads it; that is how the fleet ends a shadow experiment or takes it back.
+
 Each stage has a deadline. Between stages (and at every downloaded chunk, and while probation
 waits) the job checks whether a newer desired state replaced it. Before anything is switched
 the progress record names the version every model goes back to, so that a crash at any point
@@ -24,6 +29,7 @@ from agent.errors import AgentError, StoreError
 from agent.probation import Watch, judge, watch
 from agent.runner import ModelRunner
 from agent.service import Agent
+from agent.shadow import RunningShadow, ShadowFile
 from agent.store import InstalledModel
 from agent.trust.state import TrustState
 from agent.update.config import LifecycleConfig
@@ -99,6 +105,7 @@ class Lifecycle:
         self._ledger = Ledger(RecordFile(agent.settings.state_dir), trust)
         self._known_good = KnownGood(agent.settings.state_dir)
         self._rollback = Rollback(agent, self._ledger, reporter.event, self._known_good)
+        self._shadows = ShadowFile(agent.settings.state_dir)
 
     @property
     def uncommitted(self) -> dict[str, Uncommitted]:
@@ -143,7 +150,8 @@ class Lifecycle:
 
     async def _stages(self, job: Job) -> UpdateOutcome:
         desired = job.desired
-        names = [m.name for m in desired.models]
+        primaries = [m for m in desired.models if m.role == "primary"]
+        names = [m.name for m in primaries]
         if len(set(names)) != len(names):
             raise StepError(
                 "refused",
@@ -155,31 +163,59 @@ class Lifecycle:
         job.boundary()
         leftover = [n for n in self.uncommitted if n not in names]
         await self._rollback.roll_back(leftover, f"desired state {job.seq} does not name them")
-        steps = [self._plan(t) for t in desired.models]
+        steps = [self._plan(t) for t in primaries]
+        shadows = [self._plan_shadow(job, t) for t in desired.models if t.role == "shadow"]
+        try:
+            return await self._install(job, steps, [s for s in shadows if s.switch])
+        finally:
+            self._close_unattached(shadows)
+
+    async def _install(
+        self, job: Job, steps: Sequence[_Step], shadows: Sequence[_Step]
+    ) -> UpdateOutcome:
+        """Download, verify and load what ``steps`` switch and the ``shadows`` to load; switch,
+        watch, and commit or roll back."""
         pending = [s for s in steps if s.switch]
         for step in pending:
             await asyncio.to_thread(self._inspect, step)
-        download = [s for s in pending if s.installed is None]
+        for step in shadows:
+            step.installed = await asyncio.to_thread(self._stored, step.target)
+        download = [s for s in (*pending, *shadows) if s.installed is None]
         if download:
             self._save(job, "downloading")
             bundles = await self._transfer.download(job, [s.target for s in download])
             for step in download:
                 step.bundle = bundles[step.target.target_path]
             job.boundary()
-        if pending:
+        if pending or shadows:
             self._save(job, "verifying")
             self._reporter.stage(job, "verifying")
-            await self._bounded(job, "verifying", "verify_deadline_s", self._verify(pending))
+            verify = self._verify([*pending, *shadows])
+            await self._bounded(job, "verifying", "verify_deadline_s", verify)
             job.boundary()
             self._save(job, "loading")
             self._reporter.stage(job, "loading")
-            late = functools.partial(self._close_unused, pending)
-            await self._bounded(job, "loading", "load_deadline_s", self._load(pending), late)
+            late = functools.partial(self._close_late, pending, shadows)
+            load = self._load(pending, shadows)
+            await self._bounded(job, "loading", "load_deadline_s", load, late)
             if job.superseded_by is not None:
                 self._close_unused(pending)
                 raise job.superseded()
+        if pending:
             await self._activate(job, pending)
-        return await self._probation(job, steps)
+        return await self._probation(job, steps, shadows)
+
+    def _plan_shadow(self, job: Job, target: ModelTarget) -> _Step:
+        """A shadow to load (``switch``), or one already running that version (not)."""
+        if self._agent.serving_version(target.name) == target.version:
+            raise StepError(
+                "refused",
+                "conflict",
+                f"desired state {job.seq} names {target.name}@{target.version} as a shadow, but "
+                "that version is the primary: a shadow is compared with a different version",
+            )
+        running = self._agent.shadow_version(target.name) == target.version
+        return _Step(target, None, switch=not running, watch=False)
 
     def _plan(self, target: ModelTarget) -> _Step:
         serving = self._agent.serving_version(target.name)
@@ -238,11 +274,14 @@ class Lifecycle:
                     # The store holds its own copy now; the download only takes space.
                     step.bundle.unlink()
 
-    async def _load(self, steps: Sequence[_Step]) -> None:
-        for step in steps:
+    async def _load(self, steps: Sequence[_Step], shadows: Sequence[_Step] = ()) -> None:
+        for step in (*steps, *shadows):
             assert step.installed is not None  # set by _verify
             try:
-                step.runner = await self._agent.load(step.installed)
+                if step in shadows:
+                    step.runner = await self._agent.load(step.installed, shadow=True)
+                else:
+                    step.runner = await self._agent.load(step.installed)
             except AgentError as e:
                 self._close_unused(steps)
                 raise _install_failed(step, e) from e
@@ -267,6 +306,9 @@ class Lifecycle:
                     "activate_failed",
                     f"{step.ref} could not be switched in: {e}",
                 ) from e
+            if self._agent.shadow_version(step.target.name) == step.target.version:
+                # Promoted: it answers callers now, and compared with itself it says nothing.
+                await self._agent.detach_shadow(step.target.name)
         self._save(job, "probation")
 
     def _baseline(self, step: _Step) -> VersionWindow | None:
@@ -276,7 +318,9 @@ class Lifecycle:
         counter = self._agent.metrics.windows.get(step.target.name, step.previous)
         return None if counter is None else counter.recent(self._config.probation_s)
 
-    async def _probation(self, job: Job, steps: Sequence[_Step]) -> UpdateOutcome:
+    async def _probation(
+        self, job: Job, steps: Sequence[_Step], shadows: Sequence[_Step] = ()
+    ) -> UpdateOutcome:
         policy = self._config.policy
         watched = [s for s in steps if s.watch and s.previous is not None]
         reports: tuple[ProbationReport, ...] = ()
@@ -299,13 +343,17 @@ class Lifecycle:
         replayed = self._replayed(job)
         if replayed is not None:
             raise StepError("refused", "replayed", replayed)
+        shadowing = await self._attach(shadows)
         self.uncommitted.clear()
         self._ledger.settled(job.seq)
+        unloaded = await self._settle_shadows(job)
         await self._remember(steps)
         installed = [s.ref for s in steps if s.switch]
         detail = f"desired state {job.seq} applied: " + (
             ", ".join(installed) + " installed" if installed else "already running every model"
         )
+        detail += "".join(f"; {ref} runs as a shadow" for ref in shadowing)
+        detail += "".join(f"; shadow {ref} unloaded" for ref in unloaded)
         detail += "".join(f"; probation of {r.model}: {r.reason}" for r in reports)
         returned = [s.ref for s in steps if s.returning]
         if returned:
@@ -332,11 +380,87 @@ class Lifecycle:
         return UpdateOutcome(job.seq, "rolled_back", reason, detail, job.names, reports)
 
     async def recover(self) -> UpdateOutcome | None:
-        """Settle the desired state a crash interrupted, if any (see :class:`UpdateApplier`)."""
+        """Settle the desired state a crash interrupted, if any (see :class:`UpdateApplier`),
+        then run again the shadows the last committed desired states named."""
         try:
             return await self._rollback.recover()
         finally:
             self._release_counters()
+            await self._restore_shadows()
+
+    # -- shadows -------------------------------------------------------------------------------
+
+    async def _attach(self, shadows: Sequence[_Step]) -> list[str]:
+        """Start the loaded shadows beside their primaries; returns them as name@version."""
+        for step in shadows:
+            assert step.runner is not None  # set by _load
+            try:
+                await self._agent.attach_shadow(step.runner)
+            except AgentError as e:
+                raise StepError(
+                    "failed", "activate_failed", f"shadow {step.ref} could not start: {e}"
+                ) from e
+        return [s.ref for s in shadows]
+
+    async def _settle_shadows(self, job: Job) -> list[str]:
+        """Unload the shadows the committed desired state does not name, and remember the
+        ones it does; returns the unloaded ones as name@version."""
+        named = {m.name: m for m in job.desired.models if m.role == "shadow"}
+        unloaded: list[str] = []
+        for name in [n for n in self._agent.models if n not in named]:
+            version = await self._agent.detach_shadow(name)
+            if version is not None:
+                unloaded.append(f"{name}@{version}")
+        running = {
+            name: RunningShadow(version=m.version, sha256=m.sha256)
+            for name, m in named.items()
+            if self._agent.shadow_version(name) == m.version
+        }
+        try:
+            await asyncio.to_thread(self._shadows.save, running)
+        except StoreError as e:
+            log.warning("shadows not recorded; a restart will not run them again: %s", e)
+        return unloaded
+
+    async def _restore_shadows(self) -> None:
+        """Load the recorded shadows again after a restart (one that fails is logged, dropped)."""
+        recorded = await asyncio.to_thread(self._shadows.load)
+        for name, shadow in recorded.items():
+            if self._agent.shadow_version(name) == shadow.version:
+                continue
+            try:
+                installed = await asyncio.to_thread(self._agent.store.verify, name, shadow.version)
+                if installed.bundle_sha256 != shadow.sha256:
+                    raise StoreError(f"the store holds other bytes for {name}@{shadow.version}")
+                runner = await self._agent.load(installed, shadow=True)
+            except AgentError as e:
+                log.warning(
+                    "shadow not restored",
+                    extra={"model": name, "version": shadow.version, "error": str(e)},
+                )
+                continue
+            try:
+                await self._agent.attach_shadow(runner)
+            except AgentError as e:
+                runner.close()
+                log.warning(
+                    "shadow not restored",
+                    extra={"model": name, "version": shadow.version, "error": str(e)},
+                )
+
+    def _close_late(self, steps: Sequence[_Step], shadows: Sequence[_Step]) -> None:
+        """After loading that passed its deadline: unload everything it loaded."""
+        self._close_unused(steps)
+        self._close_unattached(shadows)
+
+    def _close_unattached(self, shadows: Sequence[_Step]) -> None:
+        """Unload the shadow runners loaded for a desired state that did not attach them."""
+        for step in shadows:
+            runner, step.runner = step.runner, None
+            served = self._agent.models.get(step.target.name)
+            shadow = served.shadow if served is not None else None
+            if runner is not None and (shadow is None or shadow.runner is not runner):
+                runner.close()
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

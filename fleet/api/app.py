@@ -17,9 +17,11 @@ from fleet.api.auth import Authorizer
 from fleet.api.context import ApiContext, RolloutControl
 from fleet.api.device_routes import device_routes
 from fleet.api.errors import install_error_handlers
+from fleet.api.experiment_routes import experiment_routes
 from fleet.api.model_routes import model_routes
 from fleet.api.rollout_routes import rollout_routes
 from fleet.api.schemas import Health
+from fleet.api.telemetry_routes import telemetry_routes
 from fleet.registry import RepositoryPublish, repository_publisher
 from fleet.settings import FleetSettings
 from fleet.store import Store
@@ -58,8 +60,9 @@ def create_api(
         title="edgefleet fleet API",
         version=__version__,
         description=(
-            "Models and versions, devices and their health, rollouts, the audit log and API "
-            "tokens. Authenticate with `Authorization: Bearer efa_...`; roles are viewer < "
+            "Models and versions, devices and their health, rollouts, drift alerts and "
+            "telemetry series, the audit log and API tokens. Authenticate with "
+            "`Authorization: Bearer efa_...`; roles are viewer < "
             'operator < admin. Refusals are `{"error": message, "reason": word}`.'
         ),
     )
@@ -71,6 +74,13 @@ def create_api(
         with translated("checking the database"):
             return Health(schema_version=schema_version(store.db))
 
-    for routes in (model_routes, device_routes, rollout_routes, admin_routes):
+    for routes in (
+        model_routes,
+        device_routes,
+        rollout_routes,
+        experiment_routes,
+        telemetry_routes,
+        admin_routes,
+    ):
         api.include_router(routes(context))
     return api

@@ -25,6 +25,7 @@ from fleet.api.schemas import (
     TokenCreated,
 )
 from fleet.errors import FleetApiError
+from fleet.experiments import ExperimentVerdict
 from fleet.rollouts.spec import RolloutSpec
 from fleet.rollouts.view import RolloutView
 from fleet.store import AuditEntry, TokenInfo
@@ -118,6 +119,9 @@ class FleetApiClient:
             f"/rollouts/{_part(rollout_id)}/{command}",
             json={"reason": reason},
         )
+
+    def experiment(self, rollout_id: str) -> ExperimentVerdict:
+        return self._call(ExperimentVerdict, "GET", f"/rollouts/{_part(rollout_id)}/experiment")
 
     # -- audit and tokens --------------------------------------------------------------------
 

@@ -16,9 +16,12 @@ from starlette.responses import JSONResponse
 
 from fleet.errors import (
     AuthenticationError,
+    DriftUnavailableError,
     FleetError,
     InvalidBundleError,
+    InvalidQueryError,
     InvalidRolloutError,
+    NoExperimentError,
     PermissionDeniedError,
     PublishUnavailableError,
     RolloutConflictError,
@@ -44,11 +47,14 @@ ERROR_STATUS: tuple[tuple[type[FleetError], int, str], ...] = (
     (UnknownRolloutError, 404, "unknown_rollout"),
     (UnknownTokenError, 404, "unknown_token"),
     (VersionConflictError, 409, "version_conflict"),
+    (NoExperimentError, 409, "no_experiment"),
     (RolloutConflictError, 409, "rollout_conflict"),
     (TokenConflictError, 409, "token_conflict"),
     (PublishUnavailableError, 409, "no_targets_key"),
     (InvalidRolloutError, 422, "invalid_rollout"),
     (InvalidBundleError, 422, "invalid_bundle"),
+    (InvalidQueryError, 422, "invalid_query"),
+    (DriftUnavailableError, 409, "no_drift_profile"),
     # The catalogue refused to sign (a threshold not met, a key missing): the request was fine,
     # the repository's state does not allow it. TrustError carries its own reason word.
     (TrustError, 409, "untrusted"),

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from fleet.errors import FleetError
 from fleet.rollouts.gates import DeviceOutcome, Gate, GateResult, WaveEvidence
 from fleet.rollouts.pacing import Pacer
-from fleet.rollouts.ports import DesiredPublisher
+from fleet.rollouts.ports import DesiredPublisher, DeviceTargets
 from fleet.rollouts.spec import RolloutPolicy
 from fleet.rollouts.states import DEVICE_FAILED, DEVICE_FINAL
 from fleet.rollouts.transitions import SYSTEM_ACTOR, Transitions
@@ -95,12 +95,29 @@ class Driver:
     async def _publish(self, row: RolloutRow, policy: RolloutPolicy, now: datetime) -> bool:
         pending = self._rollouts.assignments(row.id, wave=row.wave, statuses=("pending",))
         if pending:
-            target = self._store.models.get(row.model, row.version).target()
-            sent = await self._paced(row, policy, now, pending, lambda _: target)
+            sent = await self._paced(row, policy, now, pending, self._targets(row, policy, pending))
             if sent < len(pending):
                 return False
         self._transitions.phase(row, "waiting", now)
         return True
+
+    def _targets(
+        self, row: RolloutRow, policy: RolloutPolicy, pending: Sequence[AssignmentRow]
+    ) -> Callable[[AssignmentRow], DeviceTargets]:
+        """What each device's desired state names: the new version; in a shadow experiment,
+        the version the device serves and the new one beside it as its shadow."""
+        target = self._store.models.get(row.model, row.version).target()
+        experiment = policy.experiment
+        if experiment is None or experiment.mode != "shadow":
+            return lambda _: target
+        shadow = target.model_copy(update={"role": "shadow"})
+        primaries = {
+            version: self._store.models.get(row.model, version).target()
+            for version in {a.previous_version for a in pending if a.previous_version}
+        }
+        return lambda a: (
+            (primaries[a.previous_version], shadow) if a.previous_version else (shadow,)
+        )
 
     def _wait(self, row: RolloutRow, policy: RolloutPolicy, now: datetime) -> bool:
         wave = self._rollouts.assignments(row.id, wave=row.wave)
@@ -193,7 +210,7 @@ class Driver:
         policy: RolloutPolicy,
         now: datetime,
         pending: Sequence[AssignmentRow],
-        target: Callable[[AssignmentRow], ModelTarget],
+        target: Callable[[AssignmentRow], DeviceTargets],
     ) -> int:
         """Publish what the rate allows of ``pending``; return how many went out."""
         pacer = self._pacers.setdefault(row.id, Pacer(policy.publish_rate))

@@ -25,8 +25,8 @@ from fleet.errors import (
     UnknownRolloutError,
 )
 from fleet.rollouts.driver import Driver, GateFactory
-from fleet.rollouts.gates import Gate, standard_gates
-from fleet.rollouts.plan import plan_waves
+from fleet.rollouts.gates import FailedInstallGate, Gate, standard_gates
+from fleet.rollouts.plan import plan_waves, split_arms
 from fleet.rollouts.ports import DesiredPublisher
 from fleet.rollouts.progress import status_change
 from fleet.rollouts.spec import RolloutPolicy, RolloutSpec
@@ -35,6 +35,7 @@ from fleet.rollouts.transitions import Transitions
 from fleet.rollouts.view import RolloutView, load_policy, read_view
 from fleet.store import Store
 from fleet.store.rollouts import AssignmentRow, RolloutRow, WaveRow
+from fleet.telemetry.drift import FleetDrift
 from protocol.mqtt import UpdateProgress
 
 __all__ = ["DesiredPublisher", "RolloutEngine", "utc_now"]
@@ -52,8 +53,13 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _standard(policy: RolloutPolicy) -> Sequence[Gate]:
-    return standard_gates(policy.gates)
+def _standard(policy: RolloutPolicy, drift: FleetDrift | None = None) -> Sequence[Gate]:
+    experiment = policy.experiment
+    if experiment is not None and experiment.mode == "shadow":
+        # A shadow answers no caller: only its installs are the wave's to judge; how it serves
+        # is the experiment's verdict.
+        return [FailedInstallGate(policy.gates.max_failed_share)]
+    return standard_gates(policy.gates, drift=drift)
 
 
 class RolloutEngine:
@@ -65,12 +71,15 @@ class RolloutEngine:
         publisher: DesiredPublisher,
         *,
         clock: Callable[[], datetime] = utc_now,
-        gates: GateFactory = _standard,
+        gates: GateFactory | None = None,
     ) -> None:
         self._store = store
         self._rollouts = store.rollouts
         self._clock = clock
         self._transitions = Transitions(store)
+        if gates is None:
+            drift = FleetDrift(store)  # the drift gate reads the wave's drift counts
+            gates = lambda policy: _standard(policy, drift)  # noqa: E731
         self._driver = Driver(store, publisher, self._transitions, gates, self._published)
         self._step_lock = asyncio.Lock()
         # A device can answer before publish() returns its seq: hold such reports until then.
@@ -139,7 +148,7 @@ class RolloutEngine:
             )
         now = self._clock()
         rollout_id = self._new_id()
-        running = {d.id: d.running(spec.model) for d in devices}
+        running = self._members(spec, {d.id: d.running(spec.model) for d in devices})
         waves = plan_waves(spec.model, running, spec.policy.waves)
         self._rollouts.insert(
             RolloutRow(
@@ -185,6 +194,41 @@ class RolloutEngine:
             self._transitions.record(actor, "superseded", old, by=rollout_id)
             self._driver.forget(old)
         return self.get(rollout_id)
+
+    def _members(self, spec: RolloutSpec, running: dict[str, str | None]) -> dict[str, str | None]:
+        """The devices the rollout moves (each with the version it runs): every selected one,
+        only the treatment arm of an A/B experiment; a shadow needs a primary to run beside."""
+        experiment = spec.policy.experiment
+        if experiment is None:
+            return running
+        if experiment.mode == "ab":
+            if len(running) < 2:
+                raise InvalidRolloutError(
+                    f"an A/B experiment needs at least two devices, one per arm; the selector "
+                    f"{_describe(spec)} matches {len(running)}"
+                )
+            treatment, _ = split_arms(spec.model, running, experiment.split)
+            return {d: running[d] for d in treatment}
+        unfit = sorted(
+            d
+            for d, version in running.items()
+            if version is None or version == spec.version or not self._known(spec.model, version)
+        )
+        if unfit:
+            raise InvalidRolloutError(
+                f"a shadow runs beside the version a device serves, but {len(unfit)} of the "
+                f"selected devices ({', '.join(unfit[:3])}{', ...' if len(unfit) > 3 else ''}) "
+                f"serve no published version of {spec.model} other than {spec.version}; narrow "
+                "the selector or roll a version out to them first"
+            )
+        return running
+
+    def _known(self, model: str, version: str) -> bool:
+        try:
+            self._store.models.get(model, version)
+        except UnknownModelError:
+            return False
+        return True
 
     def approve(self, rollout_id: str, actor: str, reason: str | None = None) -> RolloutView:
         """Let a rollout awaiting approval go on to its next wave (or complete)."""

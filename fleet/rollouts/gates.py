@@ -9,13 +9,14 @@ The rate gates compare the new version with the previous one on the same devices
 version with too little traffic to say anything (or none: a first install) counts as perfect, so
 the new version is held to the margin alone — the rule the agent's own probation follows.
 
-Gates sit behind the small :class:`Gate` protocol, so one reading other evidence (drift
-telemetry from the store, for instance) is one more object in the list.
+Gates sit behind the small :class:`Gate` protocol, so one reading other evidence is one more
+object in the list: :class:`DriftGate` reads the drift telemetry in the store.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar, Protocol
@@ -24,10 +25,12 @@ from pydantic import BaseModel, ConfigDict
 
 from fleet.rollouts.spec import GatePolicy
 from fleet.rollouts.states import DEVICE_FAILED, DEVICE_FINAL
+from fleet.telemetry.drift import FleetDrift, HistogramDrift
 from protocol.mqtt import ProbationReport, VersionWindow
 
 __all__ = [
     "DeviceOutcome",
+    "DriftGate",
     "ErrorRateGate",
     "FailedInstallGate",
     "FallbackRateGate",
@@ -273,8 +276,112 @@ class LatencyGate:
         )
 
 
-def standard_gates(policy: GatePolicy) -> list[Gate]:
-    """The gates a policy asks for: failed installs always, the rate gates unless turned off."""
+@dataclass(frozen=True)
+class _DriftCheck:
+    label: str
+    psi: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class DriftGate:
+    """Drift of the new version on the wave's devices since the wave started: each feature's and
+    output's PSI against the version's reference profile, and each output's PSI against the
+    previous version's live outputs (fleet.telemetry.drift reads and compares the counts)."""
+
+    drift: FleetDrift
+    max_prediction_psi: float | None
+    max_feature_psi: float | None
+    min_rows: int
+    name: str = "drift"
+
+    def evaluate(self, evidence: WaveEvidence) -> GateResult:
+        previous = Counter(
+            d.previous_version
+            for d in evidence.devices
+            if d.previous_version not in (None, evidence.version)
+        ).most_common(1)
+        measured = self.drift.wave(
+            evidence.model,
+            evidence.version,
+            devices=[d.device_id for d in evidence.devices],
+            previous=previous[0][0] if previous else None,
+            since=evidence.started_at,
+            until=evidence.now,
+            min_rows=self.min_rows,
+        )
+        new = f"{evidence.model}@{evidence.version}"
+        limits = [t for t in (self.max_prediction_psi, self.max_feature_psi) if t is not None]
+        report = measured.report
+        rows = report.rows if report is not None else 0
+
+        def result(passed: bool | None, check: _DriftCheck | None, detail: str) -> GateResult:
+            return GateResult(
+                name=self.name,
+                value=check.psi if check is not None else None,
+                threshold=check.threshold if check is not None else min(limits, default=0.0),
+                passed=passed,
+                samples=rows,
+                detail=detail,
+            )
+
+        if report is None:
+            return result(True, None, f"{new} has no drift profile, so its drift is not judged")
+        if rows == 0 and self.min_rows == 0:
+            return result(True, None, f"no drift rows counted on {new} to judge (allowed)")
+        if rows < self.min_rows:
+            return result(
+                None, None, f"{rows} drift rows on {new}, fewer than the {self.min_rows} needed"
+            )
+        checks = self._checks(report.features, report.outputs)
+        against = measured.against_previous
+        if against is not None:
+            checks += self._checks(
+                (), against.outputs, f"{measured.previous} on {measured.previous_scope}"
+            )
+        where = f"{rows} rows from {report.devices} device{'' if report.devices == 1 else 's'}"
+        if against is not None:
+            where += f", outputs also against {measured.previous} on {measured.previous_scope}"
+        elif measured.previous is not None:
+            where += (
+                f"; {measured.previous} has {measured.previous_rows} drift rows (or no drift "
+                "profile), too few to compare its outputs with"
+            )
+        if not checks:
+            return result(True, None, f"no feature or output of {new} could be compared ({where})")
+        worst = max(checks, key=lambda c: c.psi / c.threshold if c.threshold else c.psi * 1e9)
+        failed = sum(c.psi > c.threshold for c in checks)
+        return result(
+            failed == 0,
+            worst,
+            f"{worst.label} PSI {worst.psi:.3f} (allowed {worst.threshold:g}) is the worst of "
+            f"{len(checks)} compared, {failed} over their limit; {where}",
+        )
+
+    def _checks(
+        self,
+        features: tuple[HistogramDrift, ...],
+        outputs: tuple[HistogramDrift, ...],
+        against: str = "the reference",
+    ) -> list[_DriftCheck]:
+        found = []
+        for limit, histograms in (
+            (self.max_feature_psi, features),
+            (self.max_prediction_psi, outputs),
+        ):
+            if limit is None:
+                continue
+            found += [
+                _DriftCheck(f"{h.kind} {h.name} vs {against}", h.psi, limit)
+                for h in histograms
+                if h.psi is not None
+            ]
+        return found
+
+
+def standard_gates(policy: GatePolicy, *, drift: FleetDrift | None = None) -> list[Gate]:
+    """The gates a policy asks for: failed installs always, the rate gates unless turned off,
+    and the drift gate when ``drift`` reads the fleet's drift counts and it is not turned off."""
     gates: list[Gate] = [FailedInstallGate(policy.max_failed_share)]
     if policy.max_error_rate_increase is not None:
         gates.append(ErrorRateGate(policy.max_error_rate_increase, policy.min_requests))
@@ -282,4 +389,10 @@ def standard_gates(policy: GatePolicy) -> list[Gate]:
         gates.append(LatencyGate(policy.max_latency_ratio, policy.min_requests))
     if policy.max_fallback_rate_increase is not None:
         gates.append(FallbackRateGate(policy.max_fallback_rate_increase, policy.min_requests))
+    if drift is not None and (
+        policy.max_prediction_psi is not None or policy.max_feature_psi is not None
+    ):
+        gates.append(
+            DriftGate(drift, policy.max_prediction_psi, policy.max_feature_psi, policy.min_requests)
+        )
     return gates

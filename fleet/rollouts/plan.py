@@ -5,6 +5,12 @@ the model and the device, so a model's canary devices stay the same from one rol
 next, and adding or removing a device moves no other device. Wave ``k`` holds the first
 ``ceil(p_k / 100 * N)`` devices of that order (at least one in the first wave), minus those of
 the earlier waves.
+
+An A/B experiment splits the selected devices by the same order: the first ``split`` of them
+(rounded, and at least one device in each arm) are the treatment arm, which the waves then move
+to the new version; the rest are the control arm and keep what they run. The arms are as stable
+as the canaries: a device joining or leaving the fleet moves at most the one device at the
+boundary.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import math
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
 
-__all__ = ["device_order", "plan_waves", "wave_sizes"]
+__all__ = ["device_order", "plan_waves", "split_arms", "wave_sizes"]
 
 
 def device_order(model: str, device_ids: Iterable[str]) -> list[str]:
@@ -45,3 +51,18 @@ def plan_waves(model: str, device_ids: Iterable[str], percents: Sequence[float])
         waves.append(ordered[start:end])
         start = end
     return waves
+
+
+def split_arms(model: str, device_ids: Iterable[str], split: float) -> tuple[list[str], list[str]]:
+    """(treatment, control) of an A/B experiment, each in rollout order.
+
+    ``split`` (between 0 and 1) is the treatment's share. With two devices or more each arm
+    holds at least one; a single device is all treatment.
+    """
+    if not 0 < split < 1:
+        raise ValueError(f"split must be between 0 and 1, got {split}")
+    ordered = device_order(model, device_ids)
+    total = len(ordered)
+    size = round(Fraction(str(split)) * total)
+    size = min(max(size, 1), max(total - 1, 1)) if total else 0
+    return ordered[:size], ordered[size:]

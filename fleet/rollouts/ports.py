@@ -7,7 +7,11 @@ from typing import Protocol
 
 from protocol.director import ModelTarget
 
-__all__ = ["DesiredPublisher"]
+__all__ = ["DesiredPublisher", "DeviceTargets"]
+
+# What one device's desired state names: one model version, or several (a shadow experiment
+# names the primary the device keeps and the challenger beside it).
+DeviceTargets = ModelTarget | tuple[ModelTarget, ...]
 
 
 class DesiredPublisher(Protocol):
@@ -18,5 +22,5 @@ class DesiredPublisher(Protocol):
     """
 
     async def publish(
-        self, targets: Mapping[str, ModelTarget], rollout_id: str | None
+        self, targets: Mapping[str, DeviceTargets], rollout_id: str | None
     ) -> Mapping[str, int]: ...

@@ -34,7 +34,7 @@ class _Frozen(BaseModel):
 
 
 class GatePolicy(_Frozen):
-    """Thresholds the gates hold each wave to. ``None`` turns a rate gate off.
+    """Thresholds the gates hold each wave to. ``None`` turns a rate or drift gate off.
 
     Rates are fractions (0.01 is one percent); increases are absolute, over the previous
     version's rate measured on the same devices.
@@ -57,6 +57,17 @@ class GatePolicy(_Frozen):
         default=1.5, gt=0, description="median device p95 of the new version / of the previous"
     )
     max_fallback_rate_increase: float | None = Field(default=0.01, ge=0, le=1)
+    max_prediction_psi: float | None = Field(
+        default=0.25,
+        ge=0,
+        description="PSI of the new version's outputs on the wave's devices, against its "
+        "reference profile and against the previous version's live outputs",
+    )
+    max_feature_psi: float | None = Field(
+        default=0.25,
+        ge=0,
+        description="PSI of each input feature on the wave's devices against the reference",
+    )
 
 
 class ExperimentPolicy(_Frozen):

@@ -71,7 +71,17 @@ class Transitions:
             self._rollouts.update_wave(row.id, row.wave, state="passed", finished_at=now)
             self.record(actor, "wave_passed", row.id, wave=row.wave)
         last = row.wave + 1 >= len(policy.waves)
-        if last:
+        if last and ask and policy.experiment is not None:
+            # An experiment is not over when its devices are in place: it runs until an
+            # operator has seen its verdict and ends it one way or the other.
+            self.hold(
+                row,
+                f"every wave passed and the {policy.experiment.mode} experiment runs; see its "
+                f"verdict with `edgefleet fleet rollout experiment {row.id}`, then approve to keep "
+                "the devices as they are or abort to send them back",
+                now,
+            )
+        elif last:
             self.complete(row, now)
         elif ask and policy.approval == "manual":
             self.hold(row, f"wave {row.wave + 1} passed; approve to start wave {row.wave + 2}", now)

@@ -11,8 +11,10 @@ from pathlib import Path
 from fleet.store.audit import Audit, AuditEntry
 from fleet.store.db import Database, connect
 from fleet.store.devices import Device, DeviceHealth, Devices, Selector
+from fleet.store.experiments import ExperimentReads
 from fleet.store.models import ModelVersion, ModelVersions
 from fleet.store.rollouts import Rollouts
+from fleet.store.telemetry import Telemetry
 from fleet.store.tokens import ApiTokens, TokenInfo
 
 __all__ = [
@@ -22,11 +24,13 @@ __all__ = [
     "Device",
     "DeviceHealth",
     "Devices",
+    "ExperimentReads",
     "ModelVersion",
     "ModelVersions",
     "Rollouts",
     "Selector",
     "Store",
+    "Telemetry",
     "TokenInfo",
     "open_store",
 ]
@@ -42,6 +46,8 @@ class Store:
         self.audit = Audit(db)
         self.tokens = ApiTokens(db)
         self.rollouts = Rollouts(db)
+        self.telemetry = Telemetry(db)
+        self.experiments = ExperimentReads(db)
 
     def close(self) -> None:
         self.db.conn.close()

@@ -140,6 +140,8 @@ CREATE TABLE telemetry_gaps (
     device_id   TEXT NOT NULL,
     first_seq   INTEGER NOT NULL,                  -- the missing sequence numbers, inclusive
     last_seq    INTEGER NOT NULL,
+    -- missing: not received (yet); dropped: the device said its spool discarded them
+    cause       TEXT NOT NULL DEFAULT 'missing' CHECK (cause IN ('missing', 'dropped')),
     noticed_at  TEXT NOT NULL,
     PRIMARY KEY (device_id, first_seq)
 );
@@ -219,6 +221,7 @@ CREATE TABLE metrics_hourly (
     PRIMARY KEY (device_id, model, version, role, hour)
 );
 CREATE INDEX metrics_hourly_by_version ON metrics_hourly (model, version, hour);
+CREATE INDEX metrics_hourly_by_hour ON metrics_hourly (hour);  -- retention deletes by hour
 
 CREATE TABLE drift_hourly (
     device_id  TEXT NOT NULL,
@@ -233,6 +236,7 @@ CREATE TABLE drift_hourly (
     PRIMARY KEY (device_id, model, version, role, hour)
 );
 CREATE INDEX drift_hourly_by_version ON drift_hourly (model, version, hour);
+CREATE INDEX drift_hourly_by_hour ON drift_hourly (hour);
 """
 
 # Drift alerts: raised when fleet-wide or per-group PSI crosses a threshold, cleared when it

@@ -298,6 +298,7 @@ async def test_devices_show_health_and_a_silent_device_becomes_unknown(fleet: Fl
         "device": "NPU",
         "fallback": None,
         "error": None,
+        "shadow": None,
     }
 
     fleet.clock.advance(61)  # cam-1 silent for 91 s, past the 90 s default

@@ -79,9 +79,11 @@ async def test_happy_path_moves_every_device_through_four_waves(tmp_path: Path) 
         "error_rate",
         "p95_latency",
         "fallback_rate",
+        "drift",
     ]
     assert all(g.passed for g in gates)
     assert gates[1].samples == 8 * 200
+    assert gates[4].detail == "digits@2.0.0 has no drift profile, so its drift is not judged"
     actions = [e.action for e in fleet.store.audit.find(subject=view.id, limit=100)]
     assert actions[-1] == "rollout.created" and actions[0] == "rollout.completed"
     assert actions.count("rollout.wave_passed") == 4

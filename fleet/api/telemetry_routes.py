@@ -1,0 +1,132 @@
+"""``/alerts``, ``/models/{name}/versions/{version}/drift`` and ``/telemetry/series``: drift
+alerts, a version's drift per feature and output, and the time series the console charts.
+
+Everything is computed from the stored telemetry when asked. A query parameter that does not
+fit is a 422 whose message starts with the parameter's name.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads these routes' annotations at run time,
+# and they name dependencies local to the router factory.
+
+from datetime import timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import AwareDatetime
+
+from fleet.api.context import ApiContext
+from fleet.errors import DriftUnavailableError, InvalidQueryError, UnknownModelError
+from fleet.store.drift import DriftAlert, DriftAlerts
+from fleet.telemetry.drift import DriftReport, FleetDrift
+from fleet.telemetry.series import Metric, Series, TelemetrySeries
+
+__all__ = ["telemetry_routes"]
+
+_SERIES_SPAN = timedelta(hours=1)  # default range of a series
+
+Since = Annotated[
+    AwareDatetime | None,
+    Query(description="ISO 8601 with a zone, e.g. 2026-11-23T12:00:00Z; records starting here"),
+]
+Until = Annotated[AwareDatetime | None, Query(description="end of the range (default: now)")]
+Group = Annotated[str | None, Query(description="only devices in this group")]
+
+
+def telemetry_routes(ctx: ApiContext) -> APIRouter:
+    """The drift alert, drift and series routes."""
+    router = APIRouter(tags=["telemetry"])
+    viewer = Depends(ctx.auth.requires("viewer"))
+    alerts = DriftAlerts(ctx.store.db)
+    drift = FleetDrift(ctx.store)
+    series = TelemetrySeries(ctx.store)
+
+    def check_group(group: str | None) -> None:
+        if group is not None and group not in ctx.store.devices.labels("group"):
+            raise InvalidQueryError("group", f"no device is in a group named {group!r}")
+
+    @router.get("/alerts", dependencies=[viewer])
+    async def list_alerts(
+        state: Annotated[
+            Literal["open", "all"], Query(description="open: not cleared; all: every alert")
+        ] = "open",
+        model: Annotated[str | None, Query(description="only this model's")] = None,
+        version: Annotated[str | None, Query(description="only this version's")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[DriftAlert]:
+        """Drift alerts, newest first: a feature or output whose PSI, fleet-wide or in a group,
+        crossed its drift profile's warn or alert threshold."""
+        return alerts.find(state=state, model=model, version=version, limit=limit)
+
+    @router.get(
+        "/models/{name}/versions/{version}/drift",
+        dependencies=[viewer],
+        responses={
+            404: {"description": "no such version"},
+            409: {"description": "the version has no drift profile"},
+        },
+    )
+    async def get_drift(
+        name: str,
+        version: str,
+        group: Group = None,
+        since: Since = None,
+        until: Until = None,
+        against: Annotated[
+            str,
+            Query(description="'reference' (the drift profile) or another version's live counts"),
+        ] = "reference",
+        role: Annotated[
+            Literal["primary", "shadow"], Query(description="shadow: as a challenger")
+        ] = "primary",
+    ) -> DriftReport:
+        """PSI and Jensen–Shannon per feature and output of a version, summed over the fleet
+        or one group (by default over the last ``drift_window_s``), with the summed live counts
+        and what they are compared with, for charts."""
+        ctx.store.models.get(name, version)
+        end = until or ctx.clock()
+        start = since or end - timedelta(seconds=ctx.settings.drift_window_s)
+        if start >= end:
+            raise InvalidQueryError(
+                "since", f"{start.isoformat()} is not before until ({end.isoformat()})"
+            )
+        check_group(group)
+        if against != "reference":
+            try:
+                drift.profile(name, against)
+            except UnknownModelError as e:
+                raise InvalidQueryError("against", f"use 'reference' or a version: {e}") from e
+            except DriftUnavailableError as e:
+                raise InvalidQueryError("against", str(e)) from e
+        return drift.report(
+            name, version, since=start, until=end, role=role, group=group, against=against
+        )
+
+    @router.get("/telemetry/series", dependencies=[viewer])
+    async def get_series(
+        model: Annotated[str, Query(description="the model")],
+        metric: Annotated[Metric, Query(description="what to chart")],
+        version: Annotated[str | None, Query(description="one version (psi needs one)")] = None,
+        group: Group = None,
+        since: Since = None,
+        until: Until = None,
+        step: Annotated[float, Query(gt=0, description="seconds per point")] = 60.0,
+        feature: Annotated[
+            str | None, Query(description="psi: one feature or output (default: the worst)")
+        ] = None,
+    ) -> Series:
+        """One metric per time step: requests, error or fallback rate, fleet p95 latency from
+        the summed latency histograms, or PSI (the worst feature or output per step)."""
+        end = until or ctx.clock()
+        start = since or end - _SERIES_SPAN
+        return series.series(
+            model,
+            metric,
+            since=start,
+            until=end,
+            step_s=step,
+            version=version,
+            group=group,
+            feature=feature,
+        )
+
+    return router
