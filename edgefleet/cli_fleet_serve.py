@@ -12,6 +12,7 @@ from edgefleet.cli_errors import reported
 from edgefleet.cli_fleet_common import bind_socket, fleet_settings, listen_options, log_options
 from edgefleet.logs import configure_logging
 from fleet.settings import FleetSettings
+from fleet.telemetry.ingest import tune_gc
 
 __all__ = ["serve"]
 
@@ -91,6 +92,7 @@ def serve(ctx: click.Context, /, log_format: str, log_level: str, **flags: Any) 
         f"--fleet {settings.public_url} --device-id ID --token TOKEN",
         err=True,
     )
+    tune_gc()  # the service takes telemetry in: many short-lived objects
     server.run(sockets=[sock])
     if not server.started:
         sys.exit(1)

@@ -12,17 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import struct
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from fleet._paho import FastClient, Received
 from fleet.errors import LinkError
 from fleet.trust.ca import FLEET_CLIENT_NAME
 from protocol.mqtt import BrokerAddress, TlsFiles, TopicKind, Topics
@@ -32,8 +32,6 @@ __all__ = ["INGEST_SHARE", "BrokerAddress", "FleetLink", "Incoming", "TlsFiles",
 log = logging.getLogger(__name__)
 
 _MAX_BUFFERED = 200_000  # messages waiting for the loop; past this the oldest are dropped
-_READ_CHUNK = 256 * 1024  # bytes per socket read
-_PUBACK = 0x40  # MQTT control packet type, in the first byte's high nibble
 _KINDS: tuple[TopicKind, ...] = ("state", "update", "events", "telemetry")
 
 INGEST_SHARE = "ingest"  # the shared subscription's group: ingest workers split telemetry on it
@@ -53,60 +51,6 @@ class Incoming:
 
 
 Handler = Callable[[Sequence[Incoming]], Awaitable[None]]
-
-
-class _BufferedClient(mqtt.Client):
-    """paho with its per-message costs cut for thousands of telemetry messages a second.
-
-    paho reads each packet with three or four ``recv`` calls (type, length byte by byte, body),
-    goes back to ``select`` after every packet, and queues each PUBACK on its own with a wake-up
-    write; together that costs more than the messages themselves. Here one ``recv`` takes up
-    to 256 KiB, ``loop_read`` handles every packet it holds before paho selects again, and the
-    PUBACKs of those packets leave as one write, in order, right after them. Messages go
-    straight to ``on_message``: the link registers no per-topic callbacks.
-    """
-
-    _chunk = b""
-    _pos = 0
-    _acks: bytearray | None = None  # PUBACKs of the packets being read, sent after them
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._pos >= len(self._chunk):
-            data = super()._sock_recv(_READ_CHUNK)  # BlockingIOError when nothing is there
-            if not data:
-                return data  # the connection closed
-            self._chunk, self._pos = data, 0
-        out = self._chunk[self._pos : self._pos + bufsize]
-        self._pos += len(out)
-        return out
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        self._acks = bytearray()
-        try:
-            rc = super().loop_read(max_packets)
-            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._pos < len(self._chunk):
-                rc = super().loop_read(max_packets)
-        finally:
-            acks, self._acks = self._acks, None
-            if acks:
-                self._packet_queue(_PUBACK, bytes(acks), 0, 1)
-        return rc
-
-    def _send_puback(self, mid: int) -> MQTTErrorCode:
-        if self._acks is None:
-            return super()._send_puback(mid)
-        self._acks += struct.pack("!BBH", _PUBACK, 2, mid)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
-        on_message = self.on_message
-        if on_message is not None:
-            with self._in_callback_mutex:
-                on_message(self, self._userdata, message)
-
-    def reconnect(self) -> MQTTErrorCode:
-        self._chunk, self._pos = b"", 0  # nothing of the old connection is read on the new one
-        return super().reconnect()
 
 
 class FleetLink:
@@ -150,7 +94,7 @@ class FleetLink:
         self.dropped = 0
         self.connected = asyncio.Event()
         self.resumed = False  # whether the broker still held this client's session
-        self._client = _BufferedClient(
+        self._client = FastClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
@@ -257,7 +201,9 @@ class FleetLink:
             log.warning("lost the broker; reconnecting", extra={"reason": str(reason)})
         self._notify(self.connected.clear)
 
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(
+        self, client: mqtt.Client, userdata: object, msg: Received | mqtt.MQTTMessage
+    ) -> None:
         with self._lock:
             if len(self._buffer) >= _MAX_BUFFERED:
                 self._buffer.popleft()

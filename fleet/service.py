@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -112,9 +111,6 @@ class FleetService:
         await self.link.start()
         self._republish()
         self._ticker = asyncio.create_task(self._tick())
-        # What start-up allocated lives as long as the service: out of the collector's full
-        # passes, which telemetry ingest (many short-lived objects) would otherwise trigger often.
-        gc.freeze()
         log.info(
             "fleet service running",
             extra={

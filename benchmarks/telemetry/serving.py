@@ -59,7 +59,7 @@ class Plan:
 
 
 # Many short rounds: on a shared host, noise then falls on both systems alike.
-FULL = Plan(rounds=8, warmup=1.0, duration=1.0)
+FULL = Plan(rounds=10, warmup=1.0, duration=0.8)
 QUICK = Plan(rounds=2, warmup=0.5, duration=0.75)
 
 

@@ -35,7 +35,7 @@ from fleet.errors import LinkError
 from fleet.link import FleetLink, Incoming, TlsFiles, telemetry_share
 from fleet.settings import FleetSettings
 from fleet.store import open_store
-from fleet.telemetry.ingest import TelemetryIngest
+from fleet.telemetry.ingest import TelemetryIngest, tune_gc
 from protocol.mqtt import BrokerAddress, Topics
 
 __all__ = ["IngestWorkers", "retire", "run_worker", "worker_client_id"]
@@ -204,6 +204,7 @@ def _worker_process(
 ) -> None:
     if setup is not None:
         setup()
+    tune_gc()
 
     async def main() -> None:
         stop = asyncio.Event()
