@@ -104,3 +104,10 @@ def test_dashboard_has_unique_panel_ids_and_a_prometheus_input(dashboard: dict[s
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}"
         assert panel["targets"], panel["title"]
+
+
+def test_the_telemetry_page_documents_every_field_of_every_record() -> None:
+    page = (PACKAGING.parent / "docs" / "telemetry.md").read_text()
+    for record in RECORDS.values():
+        for name, field in record.model_fields.items():
+            assert f"`{field.alias or name}`" in page, f"{record.__name__}.{name}"
