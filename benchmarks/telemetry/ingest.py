@@ -9,9 +9,10 @@ real Mosquitto on loopback; the fleet takes them in, either
   two worker processes on the shared subscription.
 
 The rate steps up until a step fails; a step passes when every record landed exactly once
-(rows, per-device seqs, no gap, no duplicate, counted in the database) within ``--max-lag``
-seconds of the publishers' end. Fleet CPU and RSS (every fleet process), the broker's and the
-publishers' CPU are recorded per step.
+(rows, per-device seqs, no gap, no duplicate, counted in the database) and the last one landed
+within ``--keep-pace`` (5%) of the step's length after the publishers' end: the ingest kept
+pace with the rate. Fleet CPU and RSS (every fleet process), the broker's and the publishers'
+CPU are recorded per step.
 
     .venv/bin/python benchmarks/telemetry/ingest.py                   # both modes, ~3 minutes
     .venv/bin/python benchmarks/telemetry/ingest.py --modes service --rates 8000,10000
@@ -259,7 +260,7 @@ def _step(
     sent = sum(r["sent"] for r in reports)
     acked = sum(r["acked"] for r in reports)
     landed_at = None
-    deadline = published + args.max_lag + 20
+    deadline = published + 30
     while time.monotonic() < deadline:
         stored = db.stored() - before
         if stored >= sent:
@@ -291,9 +292,10 @@ def _step(
         "publish_s": publish_s,
         "published_rate": round(sent / publish_s),
         "lag_s": lag,
-        "ingest_rate": round(stored / wall),
+        "ingest_rate": round(stored / wall),  # from the first record sent to the last stored
         "zero_loss": exact,
-        "passed": exact and lag is not None and lag <= args.max_lag,
+        # Kept pace: the last record landed within `keep_pace` of the step's length.
+        "passed": exact and lag is not None and lag <= args.keep_pace * publish_s,
         "checks": checks,
         "fleet_cpu_s": round(fleet_cpu, 2),
         "fleet_cores": round(fleet_cpu / wall, 2),
@@ -370,14 +372,15 @@ def _say(message: str) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "| mode | offered /s | published /s | stored | lag s | zero loss | fleet cores | "
-        "fleet µs/record | fleet peak RSS MiB | broker CPU s | publishers CPU s |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| mode | offered /s | published /s | stored | lag s | ingest /s | zero loss | kept pace | "
+        "fleet cores | fleet µs/record | fleet peak RSS MiB | broker CPU s | publishers CPU s |",
+        "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {run['mode']} | {s['rate_offered']:,.0f} | {s['published_rate']:,} | "
-        f"{s['stored']:,}/{s['records']:,} | {s['lag_s']} | "
-        f"{'yes' if s['zero_loss'] else 'NO'} | {s['fleet_cores']} | "
+        f"{s['stored']:,}/{s['records']:,} | {s['lag_s']} | {s['ingest_rate']:,} | "
+        f"{'yes' if s['zero_loss'] else 'NO'} | {'yes' if s['passed'] else 'no'} | "
+        f"{s['fleet_cores']} | "
         f"{s['fleet_cpu_us_per_record']} | {s['fleet_peak_rss_mib']} | "
         f"{s['broker_cpu_s']} | {s['publishers_cpu_s']} |"
         for run in results["runs"]
@@ -421,10 +424,15 @@ def _parse() -> argparse.Namespace:
     rates = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
     p.add_argument("--modes", type=lambda s: s.split(","), default=["service", "workers"])
     p.add_argument("--rates", type=rates, default=[6000, 8000, 10000, 12000, 14000])
-    p.add_argument("--seconds", type=float, default=10.0, help="publishing time per step")
+    p.add_argument("--seconds", type=float, default=15.0, help="publishing time per step")
     p.add_argument("--devices", type=int, default=10000)
     p.add_argument("--publishers", type=int, default=2, help="publisher processes")
-    p.add_argument("--max-lag", type=float, default=2.0, help="seconds for the last record")
+    p.add_argument(
+        "--keep-pace",
+        type=float,
+        default=0.05,
+        help="a step passes when its last record lands within this share of its length",
+    )
     p.add_argument(
         "--profile", metavar="DIR", help="py-spy the fleet during each step (slows it down)"
     )

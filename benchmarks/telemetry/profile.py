@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["Profiler", "summarise"]
+__all__ = ["Profiler", "samples", "summarise"]
 
 # First match wins, leaf-most frames first: (category, substring of a frame).
 _CATEGORIES = (
@@ -39,13 +39,18 @@ def _category(frames: list[str]) -> str:
     return "event loop, other"
 
 
-def summarise(path: Path) -> dict[str, float]:
-    """Share of samples per category in a py-spy raw (collapsed stacks) file."""
+def samples(path: Path) -> Counter[str]:
+    """Samples per category in a py-spy raw (collapsed stacks) file."""
     counts: Counter[str] = Counter()
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if stack and n.isdigit():
             counts[_category(stack.split(";"))] += int(n)
+    return counts
+
+
+def summarise(counts: Counter[str]) -> dict[str, float]:
+    """Each category's share of the samples, in percent."""
     total = sum(counts.values()) or 1
     return {name: round(100 * n / total, 1) for name, n in counts.most_common()}
 
@@ -85,6 +90,5 @@ class Profiler:
         counts: Counter[str] = Counter()
         for path in self.paths:
             if path.exists():
-                for name, share in summarise(path).items():
-                    counts[name] += share / len(self.paths)
-        return {name: round(share, 1) for name, share in counts.most_common()}
+                counts += samples(path)
+        return summarise(counts)

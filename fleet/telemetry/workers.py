@@ -118,8 +118,8 @@ async def run_worker(
 
 
 async def retire(settings: FleetSettings, numbers: Sequence[int], *, quiet_s: float = 0.5) -> int:
-    """End the share of workers ``numbers``: take in what their sessions held and unsubscribe
-    them. Returns how many sessions held messages."""
+    """End the share of workers ``numbers``: take in what their sessions held, unsubscribe them
+    and end the sessions. Returns for how many of them the broker still kept a session."""
     _check_broker(settings)
     topics = Topics(settings.topic_root)
     store = open_store(settings.database_path)

@@ -5,13 +5,16 @@ reason while the good ones beside it are taken; end to end over a real Mosquitto
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.ingest import DeviceMessages
 from fleet.link import FleetLink, Incoming
@@ -321,3 +324,37 @@ async def test_the_service_link_takes_telemetry_beside_update_messages(
         await link.close()
     assert messages.rejected == {}
     assert len(rows(store, "metrics_windows")) == len(rows(store, "drift_windows")) == 10
+
+
+async def test_a_record_published_at_qos_0_is_taken_too(
+    plain_broker: PlainBroker, store: Store
+) -> None:
+    ingest = TelemetryIngest(store, TOPICS, clock=lambda: NOW)
+    link = FleetLink(plain_broker.url, TOPICS, ingest, client_id="fleet-qos0")
+    await link.start()
+    device = mqtt.Client(CallbackAPIVersion.VERSION2)
+    device.connect("127.0.0.1", plain_broker.port)
+    device.loop_start()
+    try:
+        for seq in (1, 2):
+            device.publish(TOPICS.telemetry("cam-2", "metrics"), encode(metrics("cam-2", seq)))
+        await _until(lambda: ingest.taken == 2)
+    finally:
+        device.disconnect()
+        device.loop_stop()
+        device._reset_sockets()
+        await link.close()
+
+
+async def test_a_database_error_is_logged_and_counted_and_the_next_chunk_is_tried(
+    store: Store, ingest: TelemetryIngest, caplog: pytest.LogCaptureFixture
+) -> None:
+    await ingest([message(metrics("cam-1", 1))])  # cam-1 is known from here on
+    store.db.execute("DROP TABLE drift_windows")  # the database breaks under the ingest
+    with caplog.at_level(logging.ERROR):
+        await ingest([message(metrics("cam-1", 2)), message(drift("cam-1", 3))])
+    assert "telemetry not stored" in caplog.text
+    assert (ingest.failed, ingest.taken) == (2, 1)
+    stream = store.telemetry.stream("cam-1")
+    assert stream is not None
+    assert stream.high_seq == 1  # the failed chunk changed nothing
