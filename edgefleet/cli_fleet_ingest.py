@@ -15,6 +15,7 @@ from edgefleet.cli_errors import reported
 from edgefleet.cli_fleet_common import fleet_settings, log_options
 from edgefleet.logs import configure_logging
 from fleet.settings import FleetSettings
+from fleet.trust.identities import MAX_INGEST_WORKERS, check_ingest_workers
 
 __all__ = ["ingest"]
 
@@ -23,7 +24,8 @@ __all__ = ["ingest"]
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
-    help="Worker processes [default: EDGEFLEET_FLEET_INGEST_WORKERS]; 0 retires every worker.",
+    help="Worker processes [default: EDGEFLEET_FLEET_INGEST_WORKERS]; 0 retires every worker; "
+    f"at most {MAX_INGEST_WORKERS}, the worker identities the broker's ACL names.",
 )
 @click.option(
     "--broker-url",
@@ -72,11 +74,18 @@ def ingest(
     `edgefleet fleet ingest --workers 0` once.
 
     \b
-    With a TLS broker (mqtts://) the workers use the fleet's client certificate; a broker that
-    takes the client id from the certificate (the packaged Mosquitto config does) would give
-    every worker the service's id: give the workers a listener without
-    use_username_as_clientid.
+    With a TLS broker (mqtts://) worker n connects with its own client certificate, CN
+    edgefleet-ingest-<n> (<home>/mqtt/ingest-<n>.pem and .key), which the packaged broker's
+    ACL lets read telemetry and nothing else. The command issues it from the device CA the
+    first time; on a host without the CA, run `edgefleet fleet keys client edgefleet-ingest-<n>`
+    on the fleet host and copy the two files here. The ACL names 8 workers, so --workers is
+    at most 8.
     """
+    if workers is not None:
+        try:
+            check_ingest_workers(workers)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--workers") from None
     settings = fleet_settings(ctx, FleetSettings, **flags)
     configure_logging(log_level, log_format)
     count = settings.ingest_workers if workers is None else workers
@@ -96,10 +105,11 @@ def ingest(
 
 def _run(settings: FleetSettings, count: int, setup: functools.partial[None]) -> None:
     from fleet.store import open_store
-    from fleet.telemetry.workers import RETIRE_SCAN, IngestWorkers, retire
+    from fleet.telemetry.workers import IngestWorkers, retire
 
     open_store(settings.database_path).close()  # migrated once, before the workers open it
-    retired = asyncio.run(retire(settings, range(count + 1, count + 1 + RETIRE_SCAN)))
+    # No pool is larger than the ACL's worker identities: none above them has a session.
+    retired = asyncio.run(retire(settings, range(count + 1, MAX_INGEST_WORKERS + 1)))
     if count == 0:
         click.echo(f"retired {retired} ingest worker session(s); none is running now", err=True)
         return

@@ -23,6 +23,7 @@ from fleet.errors import KeyFileError, TrustError
 from fleet.trust.ca import FLEET_CLIENT_NAME, DeviceCA
 from fleet.trust.enroll import EnrollmentTokens
 from fleet.trust.enroll_http import director_public_pem, open_repository, repository_lock
+from fleet.trust.identities import client_files, issuable_client_names
 from fleet.trust.keys import ONLINE_ROLES, ROLES, generate_key, public_key
 from fleet.trust.repository import ImageRepository
 from fleet.trust.settings import FleetTrustSettings
@@ -142,8 +143,72 @@ def keys_init(ctx: click.Context, broker_host: str | None) -> None:
     out(f"  {settings.ca_dir / 'ca.key'}\n      device CA: {_PROTECTS['device CA']}\n")
     out("For the broker (see packaging/mosquitto/README.md):")
     out(f"  {settings.broker_dir}/ca.pem, crl.pem, broker.pem, broker.key (for host {host})")
-    out(f"  {settings.client_dir}/fleet.pem, fleet.key: the fleet service's own MQTT identity\n")
+    out(f"  {settings.client_dir}/fleet.pem, fleet.key: the fleet service's own MQTT identity")
+    out("  dashboards (Telegraf): edgefleet fleet keys client edgefleet-telemetry\n")
     out("Next: edgefleet fleet keys show; edgefleet fleet trust serve")
+
+
+@keys.command("client")
+@click.argument("name")
+@click.option(
+    "--valid-days",
+    type=click.IntRange(min=1),
+    default=365,
+    show_default=True,
+    help="How long the certificate is valid.",
+)
+@click.pass_context
+@reported
+def keys_client(ctx: click.Context, name: str, valid_days: int) -> None:
+    """Issue a client certificate for one of the fleet's own identities at the broker.
+
+    \b
+    edgefleet-telemetry    reads every device's telemetry and nothing else: for Telegraf
+                           (packaging/telegraf/telegraf.conf) and other dashboards
+    edgefleet-ingest-<n>   ingest worker n, 1 to 8: `fleet ingest` issues these itself on the
+                           fleet host; issue them here to run workers on another host
+
+    \b
+    The key (mode 0600) and certificate go to <home>/mqtt/<NAME less edgefleet->.pem and .key,
+    e.g. telemetry.pem: copy them, with <home>/broker/ca.pem, to the host that connects. The
+    packaged broker's ACL grants these names their topics (packaging/mosquitto/README.md). An
+    existing certificate is never replaced: revoke it (`fleet revoke NAME`) and delete its
+    files first.
+
+    \b
+    Examples:
+      edgefleet fleet keys client edgefleet-telemetry
+      edgefleet fleet keys client edgefleet-ingest-3 --valid-days 90
+    """
+    settings = fleet_settings(ctx)
+    allowed = issuable_client_names()
+    if name not in allowed:
+        service = (
+            " (the fleet service's own certificate comes from `fleet keys init`)"
+            if name == FLEET_CLIENT_NAME
+            else ""
+        )
+        raise click.BadParameter(
+            f"{name!r} is not a fleet client identity{service}; choose one of: "
+            + ", ".join(allowed),
+            param_hint="NAME",
+        )
+    files = client_files(settings.client_dir, name)
+    if files.certificate.exists() or files.key.exists():
+        raise TrustError(
+            f"{files.certificate} already exists: {name} has a certificate. To replace it, "
+            f"revoke it (`edgefleet fleet revoke {name}`), delete {files.certificate} and "
+            f"{files.key}, and run this again",
+            reason="exists",
+        )
+    DeviceCA.open(settings.ca_dir).issue_client(
+        name, files.key, files.certificate, valid_days=valid_days
+    )
+    click.echo(
+        f"issued {name} (valid {valid_days} days):\n"
+        f"  {files.certificate}\n  {files.key}  (private key, mode 0600)\n"
+        f"Copy both, with {settings.broker_dir / 'ca.pem'}, to the host that connects as {name}."
+    )
 
 
 @keys.command("show")

@@ -6,6 +6,7 @@ of ``fleet publish``, which also records the version in the fleet database.
 from __future__ import annotations
 
 import getpass
+import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,8 @@ from edgefleet.cli_fleet_api import ago, api_client, api_options, dump, first_pr
 from edgefleet.cli_fleet_common import fleet_settings
 from edgefleet.cli_fleet_rollout import rollout
 from fleet import registry
-from fleet.api.schemas import DeviceView, LabelChange
+from fleet.api.client import FleetApiClient
+from fleet.api.schemas import DeviceDetail, DeviceTelemetry, DeviceView, LabelChange
 from fleet.settings import FleetSettings
 from fleet.store import ModelVersion, open_store
 from fleet.store.tokens import ROLES
@@ -62,6 +64,7 @@ def publish_bundle(ctx: click.Context, bundle: Path, targets_keys: Sequence[Path
 
 
 @click.command("devices")
+@click.argument("device_id", required=False)
 @click.option("--group", "groups", multiple=True, help="Only devices in this group (repeatable).")
 @click.option("--tag", "tags", multiple=True, help="Only devices with this tag (repeatable).")
 @click.option(
@@ -70,20 +73,31 @@ def publish_bundle(ctx: click.Context, bundle: Path, targets_keys: Sequence[Path
     type=click.Choice(["healthy", "degraded", "unknown", "lost", "offline", "never_seen"]),
     help="Only devices with this health (repeatable).",
 )
+@click.option(
+    "--gaps",
+    "gap_limit",
+    type=click.IntRange(1, 1000),
+    default=10,
+    show_default=True,
+    help="With DEVICE_ID: how many telemetry gaps to show, lowest first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @api_options
 @click.pass_context
 @reported
 def devices(
     ctx: click.Context,
+    device_id: str | None,
     groups: tuple[str, ...],
     tags: tuple[str, ...],
     health: tuple[str, ...],
+    gap_limit: int,
     as_json: bool,
     url: str,
     token: str | None,
 ) -> None:
-    """List devices: health, the model versions they run, where, when last heard from.
+    """List devices: health, the model versions they run, where, when last heard from; or show
+    DEVICE_ID with its telemetry stream and the gaps in it.
 
     \b
     A device silent for longer than the service's timeout (90 s by default) is `unknown`.
@@ -93,7 +107,16 @@ def devices(
       edgefleet fleet devices
       edgefleet fleet devices --group store-cameras --health unknown
       edgefleet fleet devices --tag arm64 --json
+      edgefleet fleet devices cam-0042 --gaps 50
     """
+    if device_id is not None:
+        if groups or tags or health:
+            raise click.UsageError(
+                "--group, --tag and --health filter the device list; leave them out with DEVICE_ID"
+            )
+        with api_client(ctx, url, token) as client:
+            _show_device(client, device_id, gap_limit, as_json)
+        return
     with api_client(ctx, url, token) as client:
         listed = client.devices(groups=groups, tags=tags, health=health)
     if as_json:
@@ -113,6 +136,46 @@ def _device_table(listed: Sequence[DeviceView], now: datetime) -> str:
         labels = ", ".join(d.groups) + (f" [{', '.join(d.tags)}]" if d.tags else "")
         rows.append([d.id, d.health, models, where, ago(d.last_seen, now), labels or "-"])
     return table(["ID", "HEALTH", "MODELS", "DEVICE", "LAST SEEN", "GROUPS [TAGS]"], rows)
+
+
+def _show_device(client: FleetApiClient, device_id: str, gap_limit: int, as_json: bool) -> None:
+    detail = client.device(device_id)
+    telemetry = client.device_telemetry(device_id, limit=gap_limit)
+    if as_json:
+        documents = {"device": detail, "telemetry": telemetry}
+        click.echo(
+            json.dumps({k: v.model_dump(mode="json") for k, v in documents.items()}, indent=2)
+        )
+        return
+    click.echo(_device_summary(detail, telemetry, datetime.now(timezone.utc)))
+
+
+def _device_summary(d: DeviceDetail, t: DeviceTelemetry, now: datetime) -> str:
+    models = ", ".join(f"{m.name}@{m.version or '-'} on {m.device or '-'}" for m in d.models)
+    lines = [
+        f"{d.id}: {d.health}, last seen {ago(d.last_seen, now)}",
+        f"models     {models or '-'}",
+        f"groups     {', '.join(d.groups) or '-'}; tags {', '.join(d.tags) or '-'}",
+        f"agent      {d.agent_version or '-'}; trust {d.trust_status or '-'}",
+    ]
+    if not t.high_seq:
+        lines.append("telemetry  none received")
+        return "\n".join(lines)
+    lines.append(
+        f"telemetry  up to seq {t.high_seq}: {t.received} taken, {t.duplicates} duplicates, "
+        f"{t.dropped} dropped by the device, {t.missing} missing; last {ago(t.last_at, now)}"
+    )
+    if not t.gaps:
+        lines.append("gaps       none")
+        return "\n".join(lines)
+    rows = [
+        [f"{g.first_seq}..{g.last_seq}", str(g.size), g.cause, ago(g.noticed_at, now)]
+        for g in t.gaps
+    ]
+    lines += ["", table(["GAP", "SEQS", "CAUSE", "NOTICED"], rows)]
+    if t.gap_ranges > len(t.gaps):
+        lines.append(f"... {t.gap_ranges - len(t.gaps)} more gaps (--gaps N shows more)")
+    return "\n".join(lines)
 
 
 @click.command("label")

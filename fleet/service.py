@@ -96,9 +96,25 @@ class FleetService:
         await self.messages(batch)
 
     def on_enrolled(self, device_id: str) -> None:
-        """Called by the trust service when a device trades its token for a certificate."""
+        """Called by the trust service when a device trades its token for a certificate.
+
+        A device enrolled again starts a new telemetry stream: its new spool may number from 1.
+        """
         self.store.devices.enrolled(device_id, self.clock())
         self.store.audit.record("enrollment", "device.enrolled", device_id, None)
+        reset = self.store.telemetry.reset_stream(device_id)
+        if reset is None:
+            return
+        old = reset.stream
+        detail = {
+            "high_seq": old.high_seq if old else 0,
+            "received": old.received if old else 0,
+            "missing": old.missing if old else 0,
+            "dropped": old.dropped if old else 0,
+            "windows_rolled_up": reset.windows,
+        }
+        self.store.audit.record("enrollment", "telemetry.stream_reset", device_id, detail)
+        log.info("telemetry stream started again", extra={"device_id": device_id, **detail})
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from fleet.trust.identities import check_ingest_workers
 from fleet.trust.settings import FleetTrustSettings
 from protocol.mqtt import DEFAULT_ROOT
 
@@ -48,7 +49,8 @@ class FleetSettings(FleetTrustSettings):
     ingest_workers: int = Field(
         default=0,
         ge=0,
-        description="0: the service takes telemetry itself; N: `fleet ingest --workers N` does",
+        description="0: the service takes telemetry itself; N (at most 8, the worker "
+        "identities the broker's ACL names): `fleet ingest --workers N` does",
     )
     telemetry_raw_hours: float = Field(
         default=48.0, gt=0, description="hours raw telemetry windows are kept before rollup"
@@ -68,6 +70,12 @@ class FleetSettings(FleetTrustSettings):
     drift_min_rows: int = Field(
         default=500, ge=1, description="rows a feature needs in the window before it alerts"
     )
+
+    @field_validator("ingest_workers")
+    @classmethod
+    def _named_in_the_acl(cls, value: int) -> int:
+        check_ingest_workers(value)
+        return value
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> FleetSettings:

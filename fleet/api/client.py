@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from fleet.api.schemas import (
     DeviceDetail,
+    DeviceTelemetry,
     DeviceView,
     LabelChange,
     LabelCount,
@@ -78,6 +79,17 @@ class FleetApiClient:
 
     def device(self, device_id: str) -> DeviceDetail:
         return self._call(DeviceDetail, "GET", f"/devices/{_part(device_id)}")
+
+    def device_telemetry(
+        self, device_id: str, *, after: int = 0, limit: int = 100
+    ) -> DeviceTelemetry:
+        """The device's telemetry stream and up to ``limit`` of its gaps above seq ``after``."""
+        return self._call(
+            DeviceTelemetry,
+            "GET",
+            f"/devices/{_part(device_id)}/telemetry",
+            params={"after": after, "limit": limit},
+        )
 
     def label(self, device_id: str, change: LabelChange) -> DeviceView:
         return self._call(

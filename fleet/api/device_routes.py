@@ -1,5 +1,5 @@
-"""``/devices``, ``/groups``, ``/tags``: the device registry, each device's derived health, and
-its labels.
+"""``/devices``, ``/groups``, ``/tags``: the device registry, each device's derived health, its
+labels, and its telemetry stream with the gaps in it.
 
 Health is computed at read time from the clock: a device silent for longer than the timeout is
 ``unknown``, never ``healthy``, whatever it last said.
@@ -15,7 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from fleet.api.context import ApiContext
-from fleet.api.schemas import DeviceDetail, DeviceView, LabelChange, LabelCount, UpdateLogView
+from fleet.api.schemas import (
+    DeviceDetail,
+    DeviceTelemetry,
+    DeviceView,
+    LabelChange,
+    LabelCount,
+    UpdateLogView,
+)
 from fleet.store import DeviceHealth, Selector, TokenInfo
 
 __all__ = ["device_routes"]
@@ -61,6 +68,26 @@ def device_routes(ctx: ApiContext) -> APIRouter:
             for e in ctx.store.rollouts.update_log(device_id, limit=_RECENT_UPDATES)
         )
         return DeviceDetail.of_device(device, ctx.clock(), ctx.device_timeout, updates)
+
+    @router.get(
+        "/devices/{device_id}/telemetry",
+        dependencies=[viewer],
+        responses={404: {"description": "no such device"}},
+    )
+    async def get_device_telemetry(
+        device_id: str,
+        after: Annotated[
+            int, Query(ge=0, description="only gaps starting above this seq (the next page)")
+        ] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000, description="gaps at most")] = 100,
+    ) -> DeviceTelemetry:
+        """The device's telemetry stream (highest seq, records taken, duplicates, records it
+        said it dropped, seqs still missing) and its gaps, lowest first, ``limit`` at a time."""
+        devices.get(device_id)
+        telemetry = ctx.store.telemetry
+        stream = telemetry.stream(device_id)
+        gaps = telemetry.gaps(device_id, after=after, limit=limit + 1)
+        return DeviceTelemetry.of(device_id, stream, gaps[:limit], more=len(gaps) > limit)
 
     @router.patch("/devices/{device_id}/labels")
     async def label_device(

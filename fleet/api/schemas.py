@@ -7,12 +7,14 @@ token's hash).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleet.store import Device, DeviceHealth, ModelVersion, Selector, TokenInfo
+from fleet.store.telemetry import Gap, TelemetryStream
 from fleet.store.tokens import TOKEN_NAME_PATTERN, Role
 from protocol.director import ModelTarget
 from protocol.manifest import DriftProfile, Manifest, ParityReport
@@ -20,7 +22,9 @@ from protocol.mqtt import ActiveModel
 
 __all__ = [
     "DeviceDetail",
+    "DeviceTelemetry",
     "DeviceView",
+    "GapView",
     "Health",
     "LabelChange",
     "LabelCount",
@@ -212,6 +216,61 @@ class LabelCount(_Frozen):
 
     name: str
     devices: int
+
+
+class GapView(_Frozen):
+    """Sequence numbers ``first_seq..last_seq`` of a device that the fleet never received."""
+
+    first_seq: int
+    last_seq: int
+    size: int = Field(description="how many sequence numbers")
+    cause: Literal["missing", "dropped"] = Field(
+        description="missing: not received (yet); dropped: the device's spool discarded them"
+    )
+    noticed_at: datetime
+
+
+class DeviceTelemetry(_Frozen):
+    """A device's telemetry stream as the fleet received it, and one page of its gaps."""
+
+    device_id: str
+    high_seq: int = Field(description="highest sequence number taken; 0: none yet")
+    received: int = Field(description="records taken, duplicates not counted")
+    duplicates: int = Field(description="records that arrived again (replays), ignored")
+    dropped: int = Field(description="records the device said its spool dropped")
+    missing: int = Field(description="seqs below high_seq neither received nor said dropped")
+    last_at: datetime | None = Field(description="when its last record arrived; null: never")
+    gap_ranges: int = Field(description="how many gaps it has, of either cause")
+    gaps: tuple[GapView, ...] = Field(description="gaps above `after`, lowest first")
+    next_after: int | None = Field(
+        description="more gaps follow: ask again with this as `after`; null: none"
+    )
+
+    @classmethod
+    def of(
+        cls, device_id: str, stream: TelemetryStream | None, gaps: Sequence[Gap], more: bool
+    ) -> DeviceTelemetry:
+        return cls(
+            device_id=device_id,
+            high_seq=stream.high_seq if stream else 0,
+            received=stream.received if stream else 0,
+            duplicates=stream.duplicates if stream else 0,
+            dropped=stream.dropped if stream else 0,
+            missing=stream.missing if stream else 0,
+            last_at=stream.last_at if stream else None,
+            gap_ranges=stream.gap_ranges if stream else 0,
+            gaps=tuple(
+                GapView(
+                    first_seq=g.first_seq,
+                    last_seq=g.last_seq,
+                    size=g.size,
+                    cause=g.cause,
+                    noticed_at=g.noticed_at,
+                )
+                for g in gaps
+            ),
+            next_after=gaps[-1].first_seq if more and gaps else None,
+        )
 
 
 # -- tokens ------------------------------------------------------------------------------------

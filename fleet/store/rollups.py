@@ -2,7 +2,9 @@
 count is added (the latency and drift histograms bucket by bucket), so percentiles and PSI
 computed from an hour's row equal those of the windows it replaced.
 
-Used by :meth:`fleet.store.telemetry.Telemetry.roll_up` inside its transaction.
+Used by :meth:`fleet.store.telemetry.Telemetry.roll_up` (retention) and
+:meth:`~fleet.store.telemetry.Telemetry.reset_stream` (one device at re-enrollment) inside
+their transactions.
 """
 
 from __future__ import annotations
@@ -105,12 +107,22 @@ def _parsed(table: _Table, windows: int, values: tuple[Any, ...]) -> list[Any]:
     return [windows, *values[:n], *(orjson.loads(v) for v in values[n:])]
 
 
-def _roll_up(table: _Table, db: Database, cutoff: str, limit: int) -> int:
+def _roll_up(
+    table: _Table, db: Database, cutoff: str | None, limit: int, device_id: str | None
+) -> int:
     values = ", ".join(table.values)
+    where: list[str] = ["1"]
+    params: list[str] = []
+    if cutoff is not None:
+        where.append("start < ?")
+        params.append(cutoff)
+    if device_id is not None:
+        where.append("device_id = ?")
+        params.append(device_id)
     rows = db.execute(
         f"SELECT rowid, {', '.join(_KEY)}, start, {values} FROM {table.raw} "  # noqa: S608
-        "WHERE start < ? ORDER BY start, seq LIMIT ?",
-        [cutoff, limit],
+        f"WHERE {' AND '.join(where)} ORDER BY start, seq LIMIT ?",
+        [*params, limit],
     ).fetchall()
     hours: dict[tuple[str, ...], list[Any]] = {}
     for row in rows:
@@ -144,7 +156,9 @@ def _roll_up(table: _Table, db: Database, cutoff: str, limit: int) -> int:
     return len(rows)
 
 
-ROLLUPS: dict[str, Callable[[Database, str, int], int]] = {
-    "metrics": lambda db, cutoff, limit: _roll_up(_METRICS, db, cutoff, limit),
-    "drift": lambda db, cutoff, limit: _roll_up(_DRIFT, db, cutoff, limit),
+# (db, cutoff, limit, device_id): roll up to ``limit`` windows that started before ``cutoff``
+# (None: whenever) of ``device_id`` (None: every device); returns how many.
+ROLLUPS: dict[str, Callable[[Database, str | None, int, str | None], int]] = {
+    "metrics": lambda db, cutoff, limit, device: _roll_up(_METRICS, db, cutoff, limit, device),
+    "drift": lambda db, cutoff, limit, device: _roll_up(_DRIFT, db, cutoff, limit, device),
 }

@@ -12,6 +12,9 @@ can be named:
 - a record saying its device's spool ``dropped`` N records turns the N lowest missing seqs
   below it into ``dropped`` ones: a spool discards its oldest records first, so those are the
   ones it lost. What the device reports is also summed in ``telemetry_streams.dropped``.
+
+A device enrolled again may number from 1 again (a fresh state directory, a fresh spool), so
+enrollment starts a new stream: the old one's windows go into their hours, its bookkeeping goes.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from fleet.store.db import Database, now_text, transaction, translated
 from fleet.store.rollups import ROLLUPS
 from protocol.telemetry import DriftWindow, MetricsWindow, TelemetryRecord
 
-__all__ = ["Gap", "TakeResult", "Telemetry", "TelemetryStream"]
+__all__ = ["Gap", "StreamReset", "TakeResult", "Telemetry", "TelemetryStream"]
 
 log = logging.getLogger(__name__)
 
 _IN_CHUNK = 500  # ids per `IN (...)` query, well under SQLite's parameter limit
+_RESET_BATCH = 2000  # raw windows rolled up per query when a stream starts again
 
 GapCause = Literal["missing", "dropped"]
 
@@ -74,6 +78,15 @@ class TelemetryStream:
     dropped: int  # records the device said its spool dropped
     missing: int  # seqs below high_seq neither received nor said to be dropped
     last_at: datetime  # when its last record (new or replayed) arrived
+    gap_ranges: int  # how many gaps (ranges of either cause) it has
+
+
+@dataclass(frozen=True)
+class StreamReset:
+    """What starting a device's stream again replaced."""
+
+    stream: TelemetryStream | None  # as it stood; None if only raw windows were left
+    windows: int  # raw windows (both kinds) summed into their hours
 
 
 # Columns in the order the row builders below produce them.
@@ -362,24 +375,32 @@ class Telemetry:
             row = self._db.execute(
                 "SELECT s.high_seq, s.received, s.duplicates, s.dropped, s.last_at, "
                 "(SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM telemetry_gaps g "
-                "WHERE g.device_id = s.device_id AND g.cause = 'missing') "
+                "WHERE g.device_id = s.device_id AND g.cause = 'missing'), "
+                "(SELECT count(*) FROM telemetry_gaps g WHERE g.device_id = s.device_id) "
                 "FROM telemetry_streams s WHERE s.device_id = ?",
                 [device_id],
             ).fetchone()
         if row is None:
             return None
-        high, received, duplicates, dropped, last_at, missing = row
+        high, received, duplicates, dropped, last_at, missing, ranges = row
         return TelemetryStream(
-            device_id, high, received, duplicates, dropped, missing, datetime.fromisoformat(last_at)
+            device_id,
+            high,
+            received,
+            duplicates,
+            dropped,
+            missing,
+            datetime.fromisoformat(last_at),
+            ranges,
         )
 
-    def gaps(self, device_id: str) -> list[Gap]:
-        """The device's gaps, lowest first."""
+    def gaps(self, device_id: str, *, after: int = 0, limit: int | None = None) -> list[Gap]:
+        """The device's gaps starting above seq ``after``, lowest first, at most ``limit``."""
         with translated(f"reading the telemetry gaps of {device_id}"):
             rows = self._db.execute(
                 "SELECT first_seq, last_seq, cause, noticed_at FROM telemetry_gaps "
-                "WHERE device_id = ? ORDER BY first_seq",
-                [device_id],
+                "WHERE device_id = ? AND first_seq > ? ORDER BY first_seq LIMIT ?",
+                [device_id, after, -1 if limit is None else limit],
             ).fetchall()
         return [Gap(a, b, cause, datetime.fromisoformat(at)) for a, b, cause, at in rows]
 
@@ -459,7 +480,31 @@ class Telemetry:
         many windows it rolled up (fewer than ``limit``: none are left)."""
         rollup = ROLLUPS[kind]
         with translated(f"rolling {kind} windows up into hours"), transaction(self._db):
-            return rollup(self._db, now_text(before), limit)
+            return rollup(self._db, now_text(before), limit, None)
+
+    def reset_stream(self, device_id: str) -> StreamReset | None:
+        """Start the device's stream again, at seq 1: sum its raw windows into their hours now
+        and forget its stream and gaps, in one transaction.
+
+        For a device enrolled again: with a fresh state directory its new spool numbers records
+        from 1, which the old stream would take for replays. Returns what was replaced, or None
+        when the device had sent no telemetry.
+        """
+        windows = 0
+        with translated(f"restarting the telemetry stream of {device_id}"), transaction(self._db):
+            old = self.stream(device_id)
+            for rollup in ROLLUPS.values():
+                while True:
+                    done = rollup(self._db, None, _RESET_BATCH, device_id)
+                    windows += done
+                    if done < _RESET_BATCH:
+                        break
+            for table in ("telemetry_gaps", "telemetry_streams"):
+                self._db.execute(
+                    f"DELETE FROM {table} WHERE device_id = ?",  # noqa: S608 - our names
+                    [device_id],
+                )
+        return None if old is None and not windows else StreamReset(old, windows)
 
     def purge_hours(self, before: datetime, limit: int) -> int:
         """Delete up to ``limit`` hourly rows (of both kinds) for hours before ``before``."""

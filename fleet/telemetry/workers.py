@@ -10,6 +10,11 @@ session whose client is gone. So when the pool shrinks, :func:`retire` reconnect
 worker that is no longer wanted, takes in what its session held, unsubscribes it, and ends the
 session.
 
+Over TLS (``mqtts://``) worker n connects with its own certificate, CN ``edgefleet-ingest-<n>``
+(``<client_dir>/ingest-<n>.pem``), issued from the device CA the first time it is needed: the
+packaged broker takes the client id from the certificate, so workers sharing the service's
+certificate would take over its session and each other's.
+
 The embedded broker (amqtt) has no shared subscriptions: workers need Mosquitto (or another
 broker with ``$share``).
 """
@@ -31,18 +36,24 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.errors import LinkError
+from fleet.errors import LinkError, TrustError
 from fleet.link import FleetLink, Incoming, TlsFiles, telemetry_share
 from fleet.settings import FleetSettings
 from fleet.store import open_store
 from fleet.telemetry.ingest import TelemetryIngest, tune_gc
+from fleet.trust.ca import DeviceCA
+from fleet.trust.identities import (
+    ClientFiles,
+    check_ingest_workers,
+    client_files,
+    ingest_client_name,
+)
 from protocol.mqtt import BrokerAddress, Topics
 
-__all__ = ["IngestWorkers", "retire", "run_worker", "worker_client_id"]
+__all__ = ["IngestWorkers", "retire", "run_worker", "worker_client_id", "worker_tls"]
 
 log = logging.getLogger(__name__)
 
-RETIRE_SCAN = 16  # worker numbers above the pool checked for a session left behind
 _START_TIMEOUT = 30.0  # seconds for a worker process to connect
 _STATS_EVERY = 60.0  # seconds between a worker's progress lines
 _STOP_TIMEOUT = 10.0  # seconds a worker has to finish its batch before it is killed
@@ -50,16 +61,52 @@ _MAX_RESTART_DELAY = 30.0  # seconds
 
 
 def worker_client_id(number: int) -> str:
-    return f"edgefleet-ingest-{number}"
+    return ingest_client_name(number)
 
 
-def _tls(settings: FleetSettings) -> TlsFiles | None:
-    if not settings.service_broker_url.startswith("mqtts://"):
+def _uses_tls(settings: FleetSettings) -> bool:
+    return settings.service_broker_url.startswith("mqtts://")
+
+
+def worker_tls(settings: FleetSettings, number: int) -> TlsFiles | None:
+    """Worker ``number``'s own certificate for an ``mqtts://`` broker (None for ``mqtt://``),
+    issued from the device CA the first time it is needed.
+
+    Raises :class:`LinkError` when it is missing and there is no device CA here to issue it.
+    """
+    if not _uses_tls(settings):
         return None
-    return TlsFiles(
-        ca=settings.broker_dir / "ca.pem",
-        certificate=settings.client_dir / "fleet.pem",
-        key=settings.client_dir / "fleet.key",
+    name = worker_client_id(number)
+    files = client_files(settings.client_dir, name)
+    ca_chain = settings.broker_dir / "ca.pem"
+    if not files.exist():
+        _issue(settings, name, files)
+    if not ca_chain.is_file():
+        raise LinkError(
+            f"{ca_chain} is missing: the workers check the broker's certificate against the "
+            "device CA chain; copy it from the fleet host's <home>/broker/ca.pem"
+        )
+    return TlsFiles(ca=ca_chain, certificate=files.certificate, key=files.key)
+
+
+def _issue(settings: FleetSettings, name: str, files: ClientFiles) -> None:
+    try:
+        ca = DeviceCA.open(settings.ca_dir)
+    except TrustError:
+        raise LinkError(
+            f"{name} connects with its own client certificate, {files.certificate} and "
+            f"{files.key}, which are not there, and there is no device CA in {settings.ca_dir} "
+            f"to issue it. On the fleet host run `edgefleet fleet keys client {name}` and copy "
+            f"the {files.certificate.name} and {files.key.name} it writes into "
+            f"{settings.client_dir} here"
+        ) from None
+    try:
+        ca.issue_client(name, files.key, files.certificate)
+    except (OSError, TrustError) as e:
+        raise LinkError(f"cannot issue {name}'s client certificate: {e}") from e
+    log.info(
+        "ingest worker certificate issued",
+        extra={"client": name, "certificate": str(files.certificate)},
     )
 
 
@@ -88,7 +135,7 @@ async def run_worker(
         settings.service_broker_url,
         topics,
         ingest,
-        tls=_tls(settings),
+        tls=worker_tls(settings, number),
         client_id=worker_client_id(number),
         subscriptions=[telemetry_share(topics)],
     )
@@ -119,8 +166,16 @@ async def run_worker(
 
 async def retire(settings: FleetSettings, numbers: Sequence[int], *, quiet_s: float = 0.5) -> int:
     """End the share of workers ``numbers``: take in what their sessions held, unsubscribe them
-    and end the sessions. Returns for how many of them the broker still kept a session."""
+    and end the sessions. Returns for how many of them the broker still kept a session.
+
+    Over TLS only workers whose certificate is on this host are looked at: a worker connects
+    with its own, so one never issued here never ran from here.
+    """
     _check_broker(settings)
+    if _uses_tls(settings):
+        numbers = [
+            n for n in numbers if client_files(settings.client_dir, worker_client_id(n)).exist()
+        ]
     topics = Topics(settings.topic_root)
     store = open_store(settings.database_path)
     ingest = TelemetryIngest(store, topics)
@@ -138,7 +193,7 @@ async def retire(settings: FleetSettings, numbers: Sequence[int], *, quiet_s: fl
             settings.service_broker_url,
             topics,
             take,
-            tls=_tls(settings),
+            tls=worker_tls(settings, number),
             client_id=worker_client_id(number),
             subscriptions=(),  # unsubscribes the share on connect
         )
@@ -149,7 +204,7 @@ async def retire(settings: FleetSettings, numbers: Sequence[int], *, quiet_s: fl
                     await asyncio.sleep(quiet_s / 5)
         finally:
             await link.close()
-        await asyncio.to_thread(_forget, settings, worker_client_id(number))
+        await asyncio.to_thread(_forget, settings, number)
         return link.resumed
 
     link_log = logging.getLogger("fleet.link")
@@ -169,13 +224,14 @@ async def retire(settings: FleetSettings, numbers: Sequence[int], *, quiet_s: fl
     return resumed
 
 
-def _forget(settings: FleetSettings, client_id: str, timeout: float = 10.0) -> None:
-    """Connect as ``client_id`` with a clean session: the broker drops the one it kept."""
+def _forget(settings: FleetSettings, number: int, timeout: float = 10.0) -> None:
+    """Connect as worker ``number`` with a clean session: the broker drops the one it kept."""
     address = BrokerAddress.parse(settings.service_broker_url)
+    client_id = worker_client_id(number)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True
     )
-    tls = _tls(settings)
+    tls = worker_tls(settings, number)
     if tls is not None:
         context = ssl.create_default_context(cafile=str(tls.ca))
         context.load_cert_chain(str(tls.certificate), str(tls.key))
@@ -233,6 +289,7 @@ class IngestWorkers:
     ) -> None:
         if count < 1:
             raise ValueError(f"an ingest pool needs at least one worker, not {count}")
+        check_ingest_workers(count)
         _check_broker(settings)
         self.settings = settings
         self.count = count
@@ -254,6 +311,10 @@ class IngestWorkers:
 
         Raises :class:`LinkError` when a worker cannot start (its own log line says why).
         """
+        # Certificates are issued here, one at a time: the CA's index is not shared safely
+        # between processes issuing at once.
+        for number in range(1, self.count + 1):
+            worker_tls(self.settings, number)
         try:
             waiting = {n: self._start(n) for n in range(1, self.count + 1)}
             deadline = time.monotonic() + _START_TIMEOUT

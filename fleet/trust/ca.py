@@ -28,12 +28,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from fleet.errors import EnrollmentError, TrustError
 from fleet.files import atomic_write
+from fleet.trust.identities import FLEET_CLIENT_NAME, RESERVED_PREFIX
 from protocol.director import check_device_id
 
 __all__ = ["FLEET_CLIENT_NAME", "DeviceCA", "check_device_name"]
-
-# The fleet service's CN at the broker, where the ACL grants it every topic: never a device's.
-FLEET_CLIENT_NAME = "edgefleet-fleet"
 
 CertificateKind = Literal["device", "server", "client"]
 
@@ -202,8 +200,8 @@ class DeviceCA:
     def issue_client(
         self, name: str, key_path: Path, cert_path: Path, *, valid_days: int = 365
     ) -> None:
-        """Write a new key (mode 0600) and a client certificate with CN = ``name`` — the fleet
-        service's own identity at the broker (``edgefleet-fleet``)."""
+        """Write a new key (mode 0600) and a client certificate with CN = ``name`` — one of the
+        fleet's own identities at the broker (:mod:`fleet.trust.identities`)."""
         self._issue_with_key("client", name, key_path, cert_path, valid_days)
 
     def revoke(self, device_id: str) -> None:
@@ -379,7 +377,8 @@ class DeviceCA:
 
 def check_device_name(device_id: str) -> None:
     """Raise :class:`EnrollmentError` unless ``device_id`` can name a device: a valid device id,
-    and not the fleet service's own name (which the broker's ACL lets read and write everything)."""
+    and none of the fleet's own names at the broker (``edgefleet-...``), to which the broker's
+    ACL grants other devices' topics."""
     try:
         check_device_id(device_id)
     except ValueError as e:
@@ -388,6 +387,13 @@ def check_device_name(device_id: str) -> None:
         raise EnrollmentError(
             f"{device_id!r} is the fleet service's own name at the broker and cannot name a "
             "device; choose another device id",
+            reason="bad_device_id",
+        )
+    if device_id.startswith(RESERVED_PREFIX):
+        raise EnrollmentError(
+            f"device id {device_id!r} starts with {RESERVED_PREFIX!r}, which is kept for the "
+            "fleet's own identities at the broker (its service, ingest workers and dashboards, "
+            "which read every device's telemetry); choose a device id that does not",
             reason="bad_device_id",
         )
 

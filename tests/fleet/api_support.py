@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from fleet.rollouts.ports import DeviceTargets
 from fleet.settings import FleetSettings
 from fleet.store import Store
 from fleet.trust import ROLES, ImageRepository, generate_key
 from protocol.bundle import build_bundle
-from protocol.director import ModelTarget
 from protocol.manifest import (
     DriftProfile,
     FeatureBins,
@@ -50,9 +50,12 @@ class Director:
         self.sent: list[tuple[str, str]] = []
 
     async def publish(
-        self, targets: Mapping[str, ModelTarget], rollout_id: str | None
+        self, targets: Mapping[str, DeviceTargets], rollout_id: str | None
     ) -> Mapping[str, int]:
-        self.sent += [(device, target.version) for device, target in targets.items()]
+        for device, named in targets.items():
+            self.sent += [
+                (device, t.version) for t in (named if isinstance(named, tuple) else (named,))
+            ]
         return self.store.devices.next_seqs(targets)
 
 
