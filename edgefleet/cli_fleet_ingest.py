@@ -58,10 +58,11 @@ def ingest(
 
     \b
     How it works: worker n is the MQTT client edgefleet-ingest-<n>, with a persistent session
-    subscribed to $share/ingest/<root>/devices/+/telemetry/#; the broker hands each record to
-    one worker, and every worker writes into the same SQLite database (WAL; writers wait
-    for each other). A replayed record is stored once, whichever worker takes it. A worker
-    that dies is started again.
+    subscribed to $share/ingest-<secret>/<root>/devices/+/telemetry/#, the group name made
+    once per fleet home in <home>/ingest-share (devices cannot guess it); the broker hands
+    each record to one worker, and every worker writes into the same SQLite database (WAL;
+    writers wait for each other). A replayed record is stored once, whichever worker takes
+    it. A worker that dies is started again.
 
     \b
     The broker must support shared subscriptions: Mosquitto 2 does (for MQTT 3.1.1 clients

@@ -37,9 +37,9 @@ _KINDS: tuple[TopicKind, ...] = ("state", "update", "events", "telemetry")
 INGEST_SHARE = "ingest"  # the shared subscription's group: ingest workers split telemetry on it
 
 
-def telemetry_share(topics: Topics) -> str:
+def telemetry_share(topics: Topics, group: str = INGEST_SHARE) -> str:
     """Every device's telemetry as a shared subscription, each message to one ingest worker."""
-    return f"$share/{INGEST_SHARE}/{topics.every_device('telemetry')}"
+    return f"$share/{group}/{topics.every_device('telemetry')}"
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,11 @@ class FleetLink:
         client_id: str = FLEET_CLIENT_NAME,
         keepalive: int = 30,  # seconds
         subscriptions: Sequence[str] | None = None,
+        share_group: str = INGEST_SHARE,
     ) -> None:
         """``subscriptions``: topic filters; by default every device's state, update, events
-        and telemetry."""
+        and telemetry. ``share_group``: the ingest workers' shared-subscription group, which a
+        connect drops from the session unless ``subscriptions`` names it."""
         try:
             self.address = BrokerAddress.parse(broker_url)
         except ValueError as e:
@@ -79,6 +81,7 @@ class FleetLink:
                 "`edgefleet fleet keys init` (it issues one) or use an mqtt:// broker"
             )
         self.topics = topics
+        self.share_group = share_group
         self.subscriptions = tuple(
             (topics.every_device(kind) for kind in _KINDS)
             if subscriptions is None
@@ -176,7 +179,10 @@ class FleetLink:
             client.subscribe([(topic, 1) for topic in self.subscriptions])
         # The session outlives the process: drop what an earlier configuration subscribed to
         # (the service's telemetry once ingest workers take it, or the reverse).
-        held = [*(self.topics.every_device(kind) for kind in _KINDS), telemetry_share(self.topics)]
+        held = [
+            *(self.topics.every_device(kind) for kind in _KINDS),
+            telemetry_share(self.topics, self.share_group),
+        ]
         if stale := [topic for topic in held if topic not in self.subscriptions]:
             client.unsubscribe(stale)
         self.resumed = flags.session_present

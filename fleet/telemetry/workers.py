@@ -25,6 +25,8 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import re
+import secrets
 import signal
 import ssl
 import threading
@@ -37,6 +39,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.errors import LinkError, TrustError
+from fleet.files import atomic_write
 from fleet.link import FleetLink, Incoming, TlsFiles, telemetry_share
 from fleet.settings import FleetSettings
 from fleet.store import open_store
@@ -50,10 +53,18 @@ from fleet.trust.identities import (
 )
 from protocol.mqtt import BrokerAddress, Topics
 
-__all__ = ["IngestWorkers", "retire", "run_worker", "worker_client_id", "worker_tls"]
+__all__ = [
+    "IngestWorkers",
+    "retire",
+    "run_worker",
+    "share_group",
+    "worker_client_id",
+    "worker_tls",
+]
 
 log = logging.getLogger(__name__)
 
+_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _START_TIMEOUT = 30.0  # seconds for a worker process to connect
 _STATS_EVERY = 60.0  # seconds between a worker's progress lines
 _STOP_TIMEOUT = 10.0  # seconds a worker has to finish its batch before it is killed
@@ -110,6 +121,32 @@ def _issue(settings: FleetSettings, name: str, files: ClientFiles) -> None:
     )
 
 
+def share_group(settings: FleetSettings) -> str:
+    """The workers' shared-subscription group: ``ingest-<random>``, made once per fleet home.
+
+    Mosquitto 2.0 grants every SUBSCRIBE and checks the ACL only when it delivers. A device
+    that joined the workers' group would get its turn at each message, be refused it by the
+    ACL, and the message would be lost to the workers. A group name devices cannot guess keeps
+    them out; it lives in ``<home>/ingest-share`` (0600), which every worker host shares with
+    the fleet's keys.
+    """
+    path = settings.home / "ingest-share"
+    try:
+        group = path.read_text().strip()
+    except FileNotFoundError:
+        group = f"ingest-{secrets.token_hex(12)}"
+        try:
+            atomic_write(path, group.encode(), mode=0o600, exclusive=True)
+        except FileExistsError:  # another worker made it first
+            group = path.read_text().strip()
+    if not _GROUP.fullmatch(group):
+        raise LinkError(
+            f"{path} holds {group!r}, not a shared-subscription group name (letters, digits, "
+            "'-' and '_'); delete it and a new one is made"
+        )
+    return group
+
+
 def _check_broker(settings: FleetSettings) -> None:
     if settings.embedded_broker:
         raise LinkError(
@@ -129,6 +166,7 @@ async def run_worker(
     """Take telemetry off the shared subscription as worker ``number`` until ``stop`` is set."""
     _check_broker(settings)
     topics = Topics(settings.topic_root)
+    group = share_group(settings)
     store = open_store(settings.database_path)
     ingest = TelemetryIngest(store, topics)
     link = FleetLink(
@@ -137,7 +175,8 @@ async def run_worker(
         ingest,
         tls=worker_tls(settings, number),
         client_id=worker_client_id(number),
-        subscriptions=[telemetry_share(topics)],
+        subscriptions=[telemetry_share(topics, group)],
+        share_group=group,
     )
     try:
         await link.start()
@@ -196,6 +235,7 @@ async def retire(settings: FleetSettings, numbers: Sequence[int], *, quiet_s: fl
             tls=worker_tls(settings, number),
             client_id=worker_client_id(number),
             subscriptions=(),  # unsubscribes the share on connect
+            share_group=share_group(settings),
         )
         await link.start()
         try:
@@ -315,6 +355,7 @@ class IngestWorkers:
         # between processes issuing at once.
         for number in range(1, self.count + 1):
             worker_tls(self.settings, number)
+        share_group(self.settings)  # made once, before the workers read it
         try:
             waiting = {n: self._start(n) for n in range(1, self.count + 1)}
             deadline = time.monotonic() + _START_TIMEOUT

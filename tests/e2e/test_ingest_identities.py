@@ -24,7 +24,7 @@ from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.store import Store, open_store
 from fleet.telemetry.ingest import TelemetryIngest
-from fleet.telemetry.workers import retire, run_worker, worker_tls
+from fleet.telemetry.workers import retire, run_worker, share_group, worker_tls
 from fleet.trust.ca import check_device_name
 from fleet.trust.enroll import EnrollmentTokens
 from fleet.trust.identities import (
@@ -269,6 +269,37 @@ async def test_retiring_a_worker_uses_its_identity_not_the_services(
     finally:
         await service.close()
     assert "already connected" not in broker.log()
+
+
+async def test_a_device_in_a_guessable_share_group_takes_nothing_from_the_workers(
+    settings: FleetSettings,
+    broker: Broker,
+    store: Store,
+    workers: Workers,
+    clients: list[MqttClient],
+) -> None:
+    group = share_group(settings)
+    assert group.startswith("ingest-") and len(group) > len("ingest-") + 16
+    assert share_group(settings) == group  # made once per home, then read
+    assert (settings.home / "ingest-share").stat().st_mode & 0o777 == 0o600
+    await workers.start(1)
+    # Joined under its own name, which any device could guess were the group fixed.
+    intruder = connect(broker, clients, broker.identity(DEVICES[1]))
+    intruder.subscribe(
+        f"$share/ingest/{ROOT}/+/telemetry/#", f"$share/ingest-0/{ROOT}/+/telemetry/#"
+    )
+    device = connect(broker, clients, broker.identity(DEVICES[0]))
+    topic = TOPICS.telemetry(DEVICES[0], "metrics")
+
+    def send(seqs: range) -> int:
+        for seq in seqs:
+            assert not device.publish(topic, record(DEVICES[0], seq)).is_failure
+        return len(seqs)
+
+    sent = await asyncio.to_thread(send, range(1, 21))
+    await until(lambda: count(store) == sent)
+    assert (await workers.stop(1)).taken == sent
+    assert intruder.drain() == []
 
 
 def test_the_telemetry_identity_reads_telemetry_and_nothing_else(

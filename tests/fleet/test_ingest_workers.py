@@ -308,5 +308,5 @@ def test_the_command_refuses_what_cannot_work(
 def test_the_command_says_how_workers_share_the_load() -> None:
     result = CliRunner().invoke(cli, ["fleet", "ingest", "--help"])
     assert result.exit_code == 0
-    assert "$share/ingest/<root>/devices/+/telemetry/#" in result.output
+    assert "$share/ingest-<secret>/<root>/devices/+/telemetry/#" in " ".join(result.output.split())
     assert "EDGEFLEET_FLEET_INGEST_WORKERS=2" in result.output
