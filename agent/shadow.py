@@ -4,7 +4,9 @@ After the primary answered a request, :meth:`Shadow.offer` hands the request's i
 primary's outputs to a bounded queue and returns at once; a task on the event loop feeds them to
 the shadow's own runner (its own batcher thread, never inline on the loop) and compares the two
 answers row by row. A full queue skips the comparison and counts the skip: a shadow never slows
-a caller down, and never answers one.
+a caller down, and never answers one. Nothing a shadow does ends that task: an answer that
+cannot be run or compared counts as the shadow's failure (logged once, with the reason), and a
+task that ended anyway is started again by the next :meth:`Shadow.offer`.
 
 What "agree" means depends on the outputs (:func:`agreement`): labels (integer, boolean or
 string outputs) agree when equal; a model with only float outputs agrees within a tolerance
@@ -113,6 +115,7 @@ class Shadow:
         self._queue: asyncio.Queue[_Offer] = asyncio.Queue(maxsize=config.queue)
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._failure_logged = False
 
     @property
     def version(self) -> str:
@@ -131,13 +134,20 @@ class Shadow:
         if self._closed:
             return False
         self.counts.offered += 1
+        # Before the queue: a full queue behind an ended task would otherwise never drain.
+        if self._worker is None or self._worker.done():
+            if self._worker is not None:
+                ended = "cancelled" if self._worker.cancelled() else repr(self._worker.exception())
+                log.warning(
+                    "shadow comparisons had stopped; starting them again",
+                    extra={"version": self.version, "reason": ended},
+                )
+            self._worker = asyncio.get_running_loop().create_task(self._work())
         try:
             self._queue.put_nowait(_Offer(inputs, rows, outputs, champion))
         except asyncio.QueueFull:
             self.counts.skipped += 1
             return False
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._work())
         return True
 
     async def idle(self) -> None:
@@ -162,10 +172,15 @@ class Shadow:
             while len(offers) < self.runner.manifest.max_batch_size and not self._queue.empty():
                 offers.append(self._queue.get_nowait())
             try:
-                await asyncio.gather(*(self._compare(o) for o in offers))
+                done = await asyncio.gather(
+                    *(self._compare(o) for o in offers), return_exceptions=True
+                )
             finally:
                 for _ in offers:
                     self._queue.task_done()
+            for result in done:
+                if isinstance(result, Exception):  # its telemetry failed: the next one may not
+                    self._log_failure("shadow telemetry failed", result)
 
     async def _compare(self, offer: _Offer) -> None:
         started = time.perf_counter()
@@ -175,14 +190,20 @@ class Shadow:
             self.counts.skipped += 1  # its batcher is full: not the version's failure
             return
         except AgentError as e:
-            timeout = isinstance(e, DeadlineExceededError)
-            self.counts.failed += 1
-            if self._telemetry is not None:
-                self._telemetry.failed(timeout=timeout)
+            self._failed(timeout=isinstance(e, DeadlineExceededError))
             log.debug("shadow %s failed: %s", self.runner.version, e)
             return
+        except Exception as e:  # noqa: BLE001 - whatever a shadow raises is its failure alone
+            self._failed(timeout=False)
+            self._log_failure("shadow failed to answer; counted as failed", e)
+            return
         seconds = time.perf_counter() - started
-        agreed = agreement(offer.outputs, answer, offer.rows, self._outputs, self.config)
+        try:
+            agreed = agreement(offer.outputs, answer, offer.rows, self._outputs, self.config)
+        except Exception as e:  # noqa: BLE001 - an answer that cannot be compared is a failed one
+            self._failed(timeout=False)
+            self._log_failure("shadow answer cannot be compared; counted as failed", e)
+            return
         self.counts.answered += 1
         self.counts.compared += offer.rows
         self.counts.agreed += agreed
@@ -191,6 +212,21 @@ class Shadow:
             self._telemetry.compared(offer.rows, agreed, offer.champion)
             # Its outputs' drift, counted like a primary's (off the loop, by the collector).
             self._telemetry.observe(offer.inputs, answer, self.runner.manifest.drift)
+
+    def _failed(self, *, timeout: bool) -> None:
+        self.counts.failed += 1
+        if self._telemetry is not None:
+            self._telemetry.failed(timeout=timeout)
+
+    def _log_failure(self, message: str, error: Exception) -> None:
+        # Once as a warning: the same fault repeats on every request and would flood the log.
+        reason = f"{type(error).__name__}: {error}"
+        extra = {"version": self.version, "reason": reason}
+        if self._failure_logged:
+            log.debug("%s: %s", message, reason, extra=extra)
+            return
+        self._failure_logged = True
+        log.warning("%s: %s (repeats are logged at debug level)", message, reason, extra=extra)
 
 
 def _compared_outputs(
@@ -219,9 +255,10 @@ def agreement(
 ) -> int:
     """How many of ``rows`` rows both answers agree on, over every compared output.
 
-    Tensors whose first dimension is not ``rows`` (a model without a batch dimension) are one
-    row. Outputs of different sizes disagree on every row; with no output in common nothing
-    agrees.
+    Each output is read as ``rows`` rows of ``k`` values; a tensor whose first dimension is not
+    ``rows`` (a model without a batch dimension) is one row, the same for every row. Outputs
+    that do not read as the same ``k`` (other sizes, or other shapes such as ``(2, 3)`` against
+    ``(6,)``) disagree on every row; with no output in common nothing agrees.
     """
     if not outputs or rows <= 0:
         return 0
@@ -231,6 +268,8 @@ def agreement(
         if a is None or b is None or a.size != b.size:
             return 0
         a2, b2 = _rows(a, rows), _rows(b, rows)
+        if a2.shape != b2.shape:
+            return 0
         if how == "equal":
             agree &= (a2 == b2).all(axis=1)
         elif how == "argmax":

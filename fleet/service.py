@@ -72,7 +72,9 @@ class FleetService:
             validity=timedelta(hours=settings.desired_validity_h),
             clock=clock,
         )
-        self.engine = RolloutEngine(self.store, self.director, clock=clock)
+        self.engine = RolloutEngine(
+            self.store, self.director, clock=clock, drift_check_s=settings.drift_check_s
+        )
         # Kept with ingest workers too: telemetry its session queued before they took over.
         self.telemetry = TelemetryIngest(self.store, self.topics, clock=clock)
         self.retention = TelemetryRetention.from_settings(self.store, settings)

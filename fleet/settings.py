@@ -62,7 +62,10 @@ class FleetSettings(FleetTrustSettings):
         default=600.0, gt=0, description="seconds between telemetry rollup and expiry passes"
     )
     drift_check_s: float = Field(
-        default=30.0, gt=0, description="seconds between drift alert checks"
+        default=30.0,
+        gt=0,
+        description="seconds between drift alert checks, and between the drift gate's readings "
+        "of a wave's drift counts",
     )
     drift_window_s: float = Field(
         default=600.0, gt=0, description="seconds of drift counts each alert check sums"

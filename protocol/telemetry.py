@@ -29,6 +29,7 @@ from protocol.mqtt import MAX_SEQ, _Message
 __all__ = [
     "LATENCY_BUCKETS_MS",
     "MAX_BINS",
+    "MAX_COUNT",
     "MAX_FEATURES",
     "RECORDS",
     "DriftWindow",
@@ -47,6 +48,11 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
 )  # fmt: skip
 MAX_FEATURES = 1024  # histograms per drift record (features plus outputs)
 MAX_BINS = 256  # counts per histogram; a profile has bins + 2 (under- and overflow) per feature
+# Any one count in one window. A device serving a million requests a second fills 2^40 in 12 days
+# of one window; sums of a million such counts still fit the fleet's 64-bit integers.
+MAX_COUNT = 2**40
+# Windows must fall in these years: a device whose clock is unset (1970) or wildly off says so.
+FIRST_YEAR, LAST_YEAR = 2000, 2199
 
 _Name = Field(min_length=1, max_length=128)
 
@@ -61,7 +67,7 @@ class TelemetryRecord(_Message):
 
     seq: int = Field(ge=1, le=MAX_SEQ, description="per device, both kinds, never reused")
     dropped: int = Field(
-        default=0, ge=0, le=MAX_SEQ, description="records the spool dropped since the last one"
+        default=0, ge=0, le=MAX_COUNT, description="records the spool dropped since the last one"
     )
     start: AwareDatetime
     end: AwareDatetime
@@ -73,6 +79,12 @@ class TelemetryRecord(_Message):
 
     @model_validator(mode="after")
     def _ordered(self) -> TelemetryRecord:
+        for name, at in (("start", self.start), ("end", self.end)):
+            if not FIRST_YEAR <= at.year <= LAST_YEAR:
+                raise ValueError(
+                    f"{name} ({at.isoformat()}) is not between {FIRST_YEAR} and {LAST_YEAR}: "
+                    "is the device's clock set?"
+                )
         if self.end < self.start:
             raise ValueError(
                 f"end ({self.end.isoformat()}) is before start ({self.start.isoformat()})"
@@ -83,11 +95,17 @@ class TelemetryRecord(_Message):
 class MetricsWindow(TelemetryRecord):
     """How one model version served during one window, as flat numbers."""
 
-    seconds: float = Field(ge=0, description="length of the window")
-    requests: int = Field(ge=0, description="requests the version took (answered or failed)")
-    errors: int = Field(ge=0, description="requests it failed: error, deadline or open circuit")
-    timeouts: int = Field(ge=0, description="of the errors, deadline misses")
-    fallbacks: int = Field(ge=0, description="of the failed requests, those the fallback answered")
+    seconds: float = Field(ge=0, le=10**7, description="length of the window")
+    requests: int = Field(
+        ge=0, le=MAX_COUNT, description="requests the version took (answered or failed)"
+    )
+    errors: int = Field(
+        ge=0, le=MAX_COUNT, description="requests it failed: error, deadline or open circuit"
+    )
+    timeouts: int = Field(ge=0, le=MAX_COUNT, description="of the errors, deadline misses")
+    fallbacks: int = Field(
+        ge=0, le=MAX_COUNT, description="of the failed requests, those the fallback answered"
+    )
     latency_p50_ms: float | None = Field(default=None, ge=0)
     latency_p95_ms: float | None = Field(default=None, ge=0)
     latency_p99_ms: float | None = Field(default=None, ge=0)
@@ -95,17 +113,21 @@ class MetricsWindow(TelemetryRecord):
         default=(0,) * (len(LATENCY_BUCKETS_MS) + 1),
         description="answered requests per LATENCY_BUCKETS_MS bucket, then slower ones",
     )
-    batches: int = Field(default=0, ge=0, description="model calls")
-    batch_rows: int = Field(default=0, ge=0, description="rows over those calls")
+    batches: int = Field(default=0, ge=0, le=MAX_COUNT, description="model calls")
+    batch_rows: int = Field(default=0, ge=0, le=MAX_COUNT, description="rows over those calls")
     queue_ms_mean: float | None = Field(default=None, ge=0, description="time waiting to batch")
     queue_ms_p95: float | None = Field(default=None, ge=0)
     device: str | None = Field(default=None, max_length=64, description="where it really ran")
     cpu_percent: float | None = Field(default=None, ge=0, description="the agent process")
     rss_mb: float | None = Field(default=None, ge=0, description="the agent process")
-    outcomes: int = Field(default=0, ge=0, description="outcomes callers posted back")
-    outcome_successes: int = Field(default=0, ge=0)
-    compared: int = Field(default=0, ge=0, description="shadow: rows compared with the primary")
-    agreements: int = Field(default=0, ge=0, description="shadow: rows where both agreed")
+    outcomes: int = Field(default=0, ge=0, le=MAX_COUNT, description="outcomes callers posted back")
+    outcome_successes: int = Field(default=0, ge=0, le=MAX_COUNT)
+    compared: int = Field(
+        default=0, ge=0, le=MAX_COUNT, description="shadow: rows compared with the primary"
+    )
+    agreements: int = Field(
+        default=0, ge=0, le=MAX_COUNT, description="shadow: rows where both agreed"
+    )
     champion: str | None = Field(
         default=None, max_length=128, description="shadow: the primary version compared with"
     )
@@ -119,6 +141,8 @@ class MetricsWindow(TelemetryRecord):
             )
         if min(self.latency_counts) < 0:  # min(), not a generator: the fleet decodes thousands/s
             raise ValueError("latency_counts holds a negative count")
+        if max(self.latency_counts) > MAX_COUNT:
+            raise ValueError(f"latency_counts holds a count over {MAX_COUNT}")
         for part, whole in (
             ("errors", "requests"),
             ("timeouts", "errors"),
@@ -148,9 +172,12 @@ class DriftWindow(TelemetryRecord):
     dashboards — the fleet recomputes PSI from summed counts.
     """
 
-    rows: int = Field(ge=0, description="rows counted")
+    rows: int = Field(ge=0, le=MAX_COUNT, description="rows counted")
     unsampled: int = Field(
-        default=0, ge=0, description="rows not counted because counting fell behind serving"
+        default=0,
+        ge=0,
+        le=MAX_COUNT,
+        description="rows not counted because counting fell behind serving",
     )
     features: dict[str, tuple[int, ...]] = Field(default_factory=dict, max_length=MAX_FEATURES)
     outputs: dict[str, tuple[int, ...]] = Field(default_factory=dict, max_length=MAX_FEATURES)
@@ -166,9 +193,11 @@ class DriftWindow(TelemetryRecord):
                     raise ValueError(f"{where}.{name}: {len(counts)} bins, not 1-{MAX_BINS}")
                 if min(counts) < 0:  # not empty: checked above
                     raise ValueError(f"{where}.{name}: a count is negative")
+                if max(counts) > MAX_COUNT:
+                    raise ValueError(f"{where}.{name}: a count is over {MAX_COUNT}")
         for name, value in self.psi.items():
-            if value < 0:
-                raise ValueError(f"psi.{name}: {value} is negative")
+            if not 0 <= value <= 1e6:
+                raise ValueError(f"psi.{name}: {value} is not between 0 and 1e6")
         return self
 
 

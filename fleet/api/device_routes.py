@@ -24,6 +24,7 @@ from fleet.api.schemas import (
     UpdateLogView,
 )
 from fleet.store import DeviceHealth, Selector, TokenInfo
+from protocol.mqtt import MAX_SEQ
 
 __all__ = ["device_routes"]
 
@@ -77,7 +78,8 @@ def device_routes(ctx: ApiContext) -> APIRouter:
     async def get_device_telemetry(
         device_id: str,
         after: Annotated[
-            int, Query(ge=0, description="only gaps starting above this seq (the next page)")
+            int,
+            Query(ge=0, le=MAX_SEQ, description="only gaps starting above this seq (next page)"),
         ] = 0,
         limit: Annotated[int, Query(ge=1, le=1000, description="gaps at most")] = 100,
     ) -> DeviceTelemetry:

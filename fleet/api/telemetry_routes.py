@@ -19,10 +19,12 @@ from fleet.errors import DriftUnavailableError, InvalidQueryError, UnknownModelE
 from fleet.store.drift import DriftAlert, DriftAlerts
 from fleet.telemetry.drift import DriftReport, FleetDrift
 from fleet.telemetry.series import Metric, Series, TelemetrySeries
+from protocol.telemetry import FIRST_YEAR, LAST_YEAR
 
 __all__ = ["telemetry_routes"]
 
 _SERIES_SPAN = timedelta(hours=1)  # default range of a series
+_MAX_SPAN = timedelta(days=31)  # the longest range one request may read
 
 Since = Annotated[
     AwareDatetime | None,
@@ -39,6 +41,30 @@ def telemetry_routes(ctx: ApiContext) -> APIRouter:
     alerts = DriftAlerts(ctx.store.db)
     drift = FleetDrift(ctx.store)
     series = TelemetrySeries(ctx.store)
+
+    def span(
+        since: AwareDatetime | None, until: AwareDatetime | None, default: timedelta
+    ) -> tuple[AwareDatetime, AwareDatetime]:
+        """The range asked for, checked: ``since`` before ``until``, both after 2000, at most
+        :data:`_MAX_SPAN` long (a request must not read the whole history on the loop)."""
+        end = until or ctx.clock()
+        start = since or end - default
+        for name, at in (("since", start), ("until", end)):
+            if not FIRST_YEAR <= at.year <= LAST_YEAR:
+                raise InvalidQueryError(
+                    name, f"{at.isoformat()} is not between {FIRST_YEAR} and {LAST_YEAR}"
+                )
+        if start >= end:
+            raise InvalidQueryError(
+                "since", f"{start.isoformat()} is not before until ({end.isoformat()})"
+            )
+        if end - start > _MAX_SPAN:
+            raise InvalidQueryError(
+                "since",
+                f"the range is {end - start}, longer than {_MAX_SPAN.days} days; "
+                "ask for a shorter one",
+            )
+        return start, end
 
     def check_group(group: str | None) -> None:
         if group is not None and group not in ctx.store.devices.labels("group"):
@@ -83,12 +109,7 @@ def telemetry_routes(ctx: ApiContext) -> APIRouter:
         or one group (by default over the last ``drift_window_s``), with the summed live counts
         and what they are compared with, for charts."""
         ctx.store.models.get(name, version)
-        end = until or ctx.clock()
-        start = since or end - timedelta(seconds=ctx.settings.drift_window_s)
-        if start >= end:
-            raise InvalidQueryError(
-                "since", f"{start.isoformat()} is not before until ({end.isoformat()})"
-            )
+        start, end = span(since, until, timedelta(seconds=ctx.settings.drift_window_s))
         check_group(group)
         if against != "reference":
             try:
@@ -109,15 +130,14 @@ def telemetry_routes(ctx: ApiContext) -> APIRouter:
         group: Group = None,
         since: Since = None,
         until: Until = None,
-        step: Annotated[float, Query(gt=0, description="seconds per point")] = 60.0,
+        step: Annotated[float, Query(ge=1, le=31 * 86400, description="seconds per point")] = 60.0,
         feature: Annotated[
             str | None, Query(description="psi: one feature or output (default: the worst)")
         ] = None,
     ) -> Series:
         """One metric per time step: requests, error or fallback rate, fleet p95 latency from
         the summed latency histograms, or PSI (the worst feature or output per step)."""
-        end = until or ctx.clock()
-        start = since or end - _SERIES_SPAN
+        start, end = span(since, until, _SERIES_SPAN)
         return series.series(
             model,
             metric,

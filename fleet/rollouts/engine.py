@@ -72,13 +72,15 @@ class RolloutEngine:
         *,
         clock: Callable[[], datetime] = utc_now,
         gates: GateFactory | None = None,
+        drift_check_s: float = 0.0,  # the drift gate reads a wave's counts at most this often
     ) -> None:
         self._store = store
         self._rollouts = store.rollouts
         self._clock = clock
         self._transitions = Transitions(store)
         if gates is None:
-            drift = FleetDrift(store)  # the drift gate reads the wave's drift counts
+            # The drift gate reads the wave's drift counts.
+            drift = FleetDrift(store, wave_reuse_s=drift_check_s)
             gates = lambda policy: _standard(policy, drift)  # noqa: E731
         self._driver = Driver(store, publisher, self._transitions, gates, self._published)
         self._step_lock = asyncio.Lock()

@@ -287,7 +287,10 @@ class _DriftCheck:
 class DriftGate:
     """Drift of the new version on the wave's devices since the wave started: each feature's and
     output's PSI against the version's reference profile, and each output's PSI against the
-    previous version's live outputs (fleet.telemetry.drift reads and compares the counts)."""
+    previous version's live outputs (fleet.telemetry.drift reads and compares the counts).
+
+    The engine asks every tick while a wave waits on its gates; ``drift`` reads the wave's
+    windows at most once per its ``wave_reuse_s`` and answers with its last reading between."""
 
     drift: FleetDrift
     max_prediction_psi: float | None

@@ -7,7 +7,8 @@ starts in it (a rollup starts at its hour). Callers sum what comes back; the cou
 addition.
 
 A drift alert is open while ``cleared_at`` is NULL; at most one is open per (model, version,
-scope, feature). Alerts are updated in place while open and never deleted.
+scope, kind, feature) — a feature and an output may share a name. Alerts are updated in place
+while open and never deleted.
 """
 
 from __future__ import annotations
@@ -161,6 +162,12 @@ class TelemetryReads:
             ).fetchone()[0]
             if first is not None:
                 return int(first) - 1
+        return self.last_drift_row()
+
+    def last_drift_row(self) -> int:
+        """The id of the newest raw drift window stored (0: none yet). Ids are never reused,
+        so one below a reader's cursor means the table was replaced under it."""
+        with translated("finding the newest drift window"):
             last = self._db.execute("SELECT max(rowid) FROM drift_windows").fetchone()[0]
         return int(last or 0)
 
@@ -293,7 +300,8 @@ class DriftAlerts:
         reading: Reading,
         at: datetime,
     ) -> DriftAlert:
-        """Open an alert; the caller has checked that none is open for this feature."""
+        """Open an alert; the caller has checked that none is open for this scope, kind and
+        feature."""
         when = now_text(at)
         with translated(f"raising a drift alert on {model}@{version}"), transaction(self._db):
             cursor = self._db.execute(

@@ -181,6 +181,9 @@ CREATE INDEX metrics_windows_by_version ON metrics_windows (model, version, star
 CREATE INDEX metrics_windows_by_start ON metrics_windows (start);
 
 CREATE TABLE drift_windows (
+    -- Never reused (AUTOINCREMENT), even after the newest rows are rolled up: the drift
+    -- monitor reads the windows stored after the last id it read.
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id  TEXT NOT NULL,
     seq        INTEGER NOT NULL,
     model      TEXT NOT NULL,
@@ -193,7 +196,7 @@ CREATE TABLE drift_windows (
     features   TEXT NOT NULL,                      -- JSON {name: [counts]}
     outputs    TEXT NOT NULL,                      -- JSON {name: [counts]}
     psi        TEXT NOT NULL,                      -- JSON {name: psi of this window alone}
-    PRIMARY KEY (device_id, seq)
+    UNIQUE (device_id, seq)
 );
 CREATE INDEX drift_windows_by_version ON drift_windows (model, version, start);
 CREATE INDEX drift_windows_by_start ON drift_windows (start);
@@ -240,7 +243,8 @@ CREATE INDEX drift_hourly_by_hour ON drift_hourly (hour);
 """
 
 # Drift alerts: raised when fleet-wide or per-group PSI crosses a threshold, cleared when it
-# falls back; one open alert per (model, version, scope, feature).
+# falls back; one open alert per (model, version, scope, kind, feature): a feature and an output
+# may share a name.
 _DRIFT_ALERTS = """
 CREATE TABLE drift_alerts (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -258,7 +262,7 @@ CREATE TABLE drift_alerts (
     updated_at   TEXT NOT NULL,
     cleared_at   TEXT
 );
-CREATE UNIQUE INDEX drift_alerts_open ON drift_alerts (model, version, scope, feature)
+CREATE UNIQUE INDEX drift_alerts_open ON drift_alerts (model, version, scope, kind, feature)
     WHERE cleared_at IS NULL;
 """
 

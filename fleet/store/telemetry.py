@@ -11,7 +11,8 @@ can be named:
 - a late seq fills its range: the range shrinks or splits in two;
 - a record saying its device's spool ``dropped`` N records turns the N lowest missing seqs
   below it into ``dropped`` ones: a spool discards its oldest records first, so those are the
-  ones it lost. What the device reports is also summed in ``telemetry_streams.dropped``.
+  ones it lost. Those seqs are summed in ``telemetry_streams.dropped``: a record the spool
+  discarded while it was already in flight arrives all the same and is not counted.
 
 A device enrolled again may number from 1 again (a fresh state directory, a fresh spool), so
 enrollment starts a new stream: the old one's windows go into their hours, its bookkeeping goes.
@@ -75,7 +76,7 @@ class TelemetryStream:
     high_seq: int
     received: int  # records taken, duplicates not counted
     duplicates: int
-    dropped: int  # records the device said its spool dropped
+    dropped: int  # seqs never received that the device said its spool dropped
     missing: int  # seqs below high_seq neither received nor said to be dropped
     last_at: datetime  # when its last record (new or replayed) arrived
     gap_ranges: int  # how many gaps (ranges of either cause) it has
@@ -326,8 +327,9 @@ class Telemetry:
                 batch.filled += 1
             if dropped:
                 gaps = gaps or self._gaps_of(device_id)
-                batch.explained += gaps.explain(seq, dropped)
-                stream.dropped += dropped
+                explained = gaps.explain(seq, dropped)
+                batch.explained += explained
+                stream.dropped += explained
             stream.received += 1
             (batch.metrics if is_metrics else batch.drift).append(row)
         if gaps is not None and gaps.changed:

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 ACTOR = "drift-monitor"  # the audit log's actor for alerts
 _BUCKET_S = 60  # seconds: the window is kept in buckets of a minute
+# A window starting this far ahead of the fleet's clock comes from a device whose clock is
+# wrong: counted, it would stay in the window (and keep its alerts open) until that time.
+_AHEAD = timedelta(minutes=5)
 
 Change = Literal["raised", "level_changed", "updated", "cleared"]
 
@@ -75,7 +78,8 @@ class _RecentCounts:
     bucket of the minute they start in; buckets older than the window are dropped. So a check
     costs the new windows, not the whole window, and the window is counted in whole minutes
     (``window_s`` plus up to a minute). A device counts in the groups it had when its window
-    arrived.
+    arrived. A window starting ahead of the fleet's clock (a device's clock a little fast)
+    counts in the current minute; one more than ``_AHEAD`` ahead is left out.
     """
 
     def __init__(self, store: Store, drift: FleetDrift) -> None:
@@ -84,21 +88,35 @@ class _RecentCounts:
         self._reads = TelemetryReads(store.db)
         self._after: int | None = None  # the last row read; None: read the window afresh
         self._profiles: dict[tuple[str, str], DriftProfile | None] = {}
+        self._ahead_told: set[str] = set()  # devices whose clocks were said to be ahead
         self.buckets: dict[tuple[str, str], dict[int, dict[str, Counts]]] = {}
 
-    def update(self, since: datetime, limit: int) -> bool:
+    def update(self, now: datetime, since: datetime, limit: int) -> bool:
         """Take up to ``limit`` windows stored since the last update and forget buckets before
-        ``since``; True once every stored window is taken."""
+        ``since`` or after ``now``; True once every stored window is taken."""
         if self._after is None:
             self._after = self._reads.first_drift_row(since)
-        records, self._after, done = self._reads.drift_after(self._after, since=since, limit=limit)
+        after = self._after
+        records, self._after, done = self._reads.drift_after(after, since=since, limit=limit)
+        if not records and self._after == after and self._reads.last_drift_row() < after:
+            # Ids are never reused, so the table was replaced (a restored backup): what was
+            # counted may be gone and new rows lie below the cursor. Read the window afresh.
+            log.warning(
+                "drift windows were replaced under the drift monitor; reading the window afresh",
+                extra={"after": after},
+            )
+            self._after = None
+            self.buckets.clear()
+            return False
+        current = int(now.timestamp() // _BUCKET_S)
+        records = [r for r in records if self._not_ahead(r, now)]
         by_version: dict[tuple[str, str], list[DriftRecord]] = {}
         for record in records:
             by_version.setdefault((record.model, record.version), []).append(record)
         groups = self._drift.group_scopes(records)
 
         def placed(record: DriftRecord) -> list[str]:
-            minute = int(record.start.timestamp() // _BUCKET_S)
+            minute = min(int(record.start.timestamp() // _BUCKET_S), current)
             return [f"{minute} {scope}" for scope in groups(record)]
 
         for key, found in by_version.items():
@@ -112,12 +130,31 @@ class _RecentCounts:
                 buckets.setdefault(int(minute), {}).setdefault(scope, Counts()).add(counts)
         oldest = int(since.timestamp() // _BUCKET_S)
         for key in list(self.buckets):
-            kept = {m: c for m, c in self.buckets[key].items() if m >= oldest}
+            # A bucket after the current minute is left from before the fleet's clock stepped
+            # back: it would otherwise stay until that time.
+            kept = {m: c for m, c in self.buckets[key].items() if oldest <= m <= current}
             if kept:
                 self.buckets[key] = kept
             else:
                 del self.buckets[key]
         return done
+
+    def _not_ahead(self, record: DriftRecord, now: datetime) -> bool:
+        if record.start <= now + _AHEAD:
+            return True
+        if record.device_id not in self._ahead_told:
+            self._ahead_told.add(record.device_id)
+            log.warning(
+                "drift windows starting ahead of the fleet's clock are left out; check the "
+                "device's clock",
+                extra={
+                    "device": record.device_id,
+                    "record": record.record,
+                    "start": record.start.isoformat(),
+                    "now": now.isoformat(),
+                },
+            )
+        return False
 
     def scopes(self, model: str, version: str) -> dict[str, Counts]:
         """The window's counts of one version per scope (none: no counts in the window)."""
@@ -192,7 +229,7 @@ class DriftMonitor:
             for i in range(self._batches_per_tick):
                 if i:
                     await asyncio.sleep(0)  # let the loop serve between batches
-                if self._recent.update(now - self._window, self._batch):
+                if self._recent.update(now, now - self._window, self._batch):
                     self._reading = False
                     self._last = now
                     return self._judge_all(now)
@@ -209,7 +246,7 @@ class DriftMonitor:
     def check(self, now: datetime) -> list[AlertChange]:
         """A whole check at ``now``: take every window stored since the last one, then raise,
         update and clear alerts."""
-        while not self._recent.update(now - self._window, self._batch):
+        while not self._recent.update(now, now - self._window, self._batch):
             pass
         self._last = now
         return self._judge_all(now)
@@ -233,11 +270,13 @@ class DriftMonitor:
     def _judge(
         self, model: str, version: str, reports: dict[str, DriftReport], now: datetime
     ) -> list[AlertChange]:
-        open_alerts = {(a.scope, a.feature): a for a in self._alerts.open_for(model, version)}
+        open_alerts = {
+            (a.scope, a.kind, a.feature): a for a in self._alerts.open_for(model, version)
+        }
         changes: list[AlertChange] = []
         for scope, report in sorted(reports.items()):
             for histogram in report.histograms():
-                alert = open_alerts.pop((scope, histogram.name), None)
+                alert = open_alerts.pop((scope, histogram.kind, histogram.name), None)
                 change = self._one(model, version, scope, report, histogram, alert, now)
                 if change is not None:
                     changes.append(change)

@@ -51,6 +51,7 @@ FLEET = "fleet"  # the scope of every device
 _KINDS: tuple[HistogramKind, ...] = ("feature", "output")
 BASELINE_LOOKBACK = timedelta(hours=1)  # the previous version's traffic before a wave started
 _REFUSALS_REMEMBERED = 10_000  # refused records logged once each, the latest this many
+_WAVES_REMEMBERED = 64  # waves whose last measurement is kept for reuse
 
 
 def group_scope(group: str) -> str:
@@ -352,12 +353,19 @@ class WaveDrift:
 
 
 class FleetDrift:
-    """Sums and compares drift counts from the fleet database."""
+    """Sums and compares drift counts from the fleet database.
 
-    def __init__(self, store: Store) -> None:
+    ``wave_reuse_s``: seconds a wave's measurement (:meth:`wave`) is reused before its windows
+    are read again. The rollout engine asks at every tick while a wave waits on its gates, and
+    a wave's windows since it started can be many; 0 reads them at every ask.
+    """
+
+    def __init__(self, store: Store, *, wave_reuse_s: float = 0.0) -> None:
         self._store = store
         self._reads = TelemetryReads(store.db)
         self._refused: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
+        self._reuse = timedelta(seconds=wave_reuse_s)
+        self._waves: OrderedDict[tuple[object, ...], tuple[datetime, WaveDrift]] = OrderedDict()
 
     def profile(self, model: str, version: str) -> DriftProfile:
         """The version's drift profile; :class:`DriftUnavailableError` if it has none."""
@@ -478,7 +486,36 @@ class FleetDrift:
     ) -> WaveDrift:
         """The new version on a wave's devices since the wave started, against its reference,
         and against ``previous``'s live counts on the same devices (or the fleet's where those
-        devices have fewer than ``min_rows`` rows of it) from an hour before the wave."""
+        devices have fewer than ``min_rows`` rows of it) from an hour before the wave.
+
+        Measured at most once per ``wave_reuse_s`` (of ``until``) for the same wave: in between
+        the last measurement is returned as it was."""
+        key = (model, version, tuple(devices), previous, since, min_rows)
+        last = self._waves.get(key)
+        if last is not None and timedelta(0) <= until - last[0] < self._reuse:
+            return last[1]
+        measured = self._measure_wave(
+            model, version, devices=devices, previous=previous, since=since, until=until,
+            min_rows=min_rows,
+        )  # fmt: skip
+        if self._reuse > timedelta(0):
+            self._waves[key] = (until, measured)
+            self._waves.move_to_end(key)
+            while len(self._waves) > _WAVES_REMEMBERED:
+                self._waves.popitem(last=False)
+        return measured
+
+    def _measure_wave(
+        self,
+        model: str,
+        version: str,
+        *,
+        devices: Sequence[str],
+        previous: str | None,
+        since: datetime,
+        until: datetime,
+        min_rows: int,
+    ) -> WaveDrift:
         try:
             profile = self.profile(model, version)
         except DriftUnavailableError:

@@ -4,8 +4,9 @@ Each message on ``<root>/devices/<id>/telemetry/<kind>`` is decoded with
 :func:`protocol.mqtt.decode` against ``RECORDS[kind]`` and the topic's device: the size bound,
 the schema (NaN, infinity and negative counts refused, ``end`` not before ``start``, histogram
 shapes) and the device named in the payload are checked there. A message that fails, names a
-kind the fleet does not know, or comes from a device the registry does not hold
-(``unknown_device``: only enrolled devices, or ones that sent their state, are taken) is logged
+kind the fleet does not know, comes from a device the registry does not hold
+(``unknown_device``: only enrolled devices, or ones that sent their state, are taken) or starts
+more than ten minutes after the fleet's clock (``clock``: a device whose time is off) is logged
 with its reason, counted in :attr:`TelemetryIngest.rejected` and dropped; the rest of the batch
 is taken all the same.
 
@@ -22,7 +23,8 @@ import gc
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from dataclasses import astuple
+from datetime import datetime, timedelta, timezone
 
 from fleet.errors import FleetError
 from fleet.link import Incoming
@@ -35,6 +37,7 @@ __all__ = ["TelemetryIngest", "tune_gc"]
 
 log = logging.getLogger(__name__)
 
+_CLOCK_SKEW = timedelta(minutes=10)  # how far ahead of the fleet a device's window may start
 CHUNK = 2000  # messages per transaction: ~0.2 s of the loop at ~100 µs per record
 _GC_YOUNG = 50_000  # allocations between young collections (Python's default: 700)
 
@@ -104,13 +107,19 @@ class TelemetryIngest:
 
     def take(self, batch: Sequence[Incoming]) -> TakeResult:
         """Decode ``batch`` and store its good records in one transaction."""
+        now = self._clock()
         records = [record for message in batch if (record := self._decode(message)) is not None]
-        records = self._from_known_devices(records)
+        records = self._in_time(self._from_known_devices(records), now)
         try:
-            result = self._store.telemetry.take(records, self._clock())
+            result = self._store.telemetry.take(records, now)
         except FleetError:
             self.failed += len(records)
             raise
+        except Exception:
+            # A record the protocol's checks let through broke the batch's transaction (a bug):
+            # other devices' records must not go down with it. Take them one at a time.
+            log.exception("telemetry batch failed; taking its records one at a time")
+            records, result = self._one_by_one(records, now)
         for record in records:
             self.accepted[_KIND[type(record)]] += 1
         self.taken += result.taken
@@ -136,6 +145,45 @@ class TelemetryIngest:
         except MessageError as e:
             self._reject(message.topic, e.reason, str(e))
             return None
+
+    def _one_by_one(
+        self, records: list[TelemetryRecord], now: datetime
+    ) -> tuple[list[TelemetryRecord], TakeResult]:
+        taken: list[TelemetryRecord] = []
+        total = TakeResult()
+        for record in records:
+            try:
+                one = self._store.telemetry.take([record], now)
+            except FleetError:
+                self.failed += 1
+                continue
+            except Exception:
+                log.exception(
+                    "telemetry record not stored",
+                    extra={"device": record.device_id, "seq": record.seq, "reason": "error"},
+                )
+                self.rejected["error"] += 1
+                continue
+            taken.append(record)
+            total = TakeResult(*(a + b for a, b in zip(astuple(total), astuple(one), strict=True)))
+        return taken, total
+
+    def _in_time(self, records: list[TelemetryRecord], now: datetime) -> list[TelemetryRecord]:
+        """Records of windows that have begun: a device clock far ahead would put its counts
+        into the future's charts and drift checks."""
+        latest = now + _CLOCK_SKEW
+        kept = []
+        for record in records:
+            if record.start > latest:
+                self._reject(
+                    f"{self._prefix}{record.device_id}/telemetry",
+                    "clock",
+                    f"seq {record.seq} starts at {record.start.isoformat()}, more than "
+                    f"{_CLOCK_SKEW} after the fleet's clock: check the device's time (NTP)",
+                )
+            else:
+                kept.append(record)
+        return kept
 
     def _from_known_devices(self, records: list[TelemetryRecord]) -> list[TelemetryRecord]:
         unseen = {r.device_id for r in records} - self._known

@@ -1,6 +1,7 @@
 """A shadow beside the primary: real digits classifiers of two versions that disagree on some
 rows, every row's agreement counted into the shadow's telemetry; a slow shadow never slows a
-caller (its queue skips, and says so); a failing one is counted; answers compared by label,
+caller (its queue skips, and says so); a failing one is counted, whatever it raises, and never
+stops the comparisons; answers of another shape never agree; answers compared by label,
 tolerance or argmax."""
 
 from __future__ import annotations
@@ -8,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from agent.errors import StoreError
 from agent.metrics import AgentMetrics
-from agent.runner import RunnerConfig
+from agent.runner import ModelRunner, RunnerConfig
 from agent.service import Agent
 from agent.serving import ServedModel, ServingConfig
 from agent.settings import AgentSettings
@@ -25,7 +27,13 @@ from agent.shadow import RunningShadow, Shadow, ShadowConfig, ShadowFile, agreem
 from exporters.package import create_bundle
 from protocol.telemetry import MetricsWindow
 from tests.agent.fakes import FakeSession, runner
-from tests.models import ONNX_IR_VERSION, ONNX_OPSET, digits_classifier_onnx, digits_data
+from tests.models import (
+    ONNX_IR_VERSION,
+    ONNX_OPSET,
+    _save_onnx,
+    digits_classifier_onnx,
+    digits_data,
+)
 
 # -- comparing answers -------------------------------------------------------------------------
 
@@ -63,6 +71,17 @@ def test_answers_that_cannot_be_compared_never_agree() -> None:
     # A model without a batch dimension answers one row.
     single = {"y": np.array([1.0, 2.0, 3.0], np.float32)}
     assert agreement(single, single, 1, (("y", "allclose"),), CONFIG) == 1
+
+
+@pytest.mark.parametrize("how", ["allclose", "argmax", "equal"])
+def test_answers_of_the_same_size_but_another_shape_disagree_on_every_row(how: str) -> None:
+    # (2, 3) against (6,): as many values, but not two rows of three; never broadcast.
+    primary = {"y": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    flat = {"y": np.arange(6, dtype=np.float32)}
+    assert agreement(primary, flat, 2, (("y", how),), CONFIG) == 0
+    assert agreement(flat, primary, 2, (("y", how),), CONFIG) == 0
+    turned = {"y": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    assert agreement(primary, turned, 2, (("y", how),), CONFIG) == 0
 
 
 # -- real classifiers --------------------------------------------------------------------------
@@ -181,6 +200,118 @@ async def test_a_shadow_needs_a_primary_and_is_unloaded_when_detached(
     x, _ = digits_data()
     answer = await agent.get("digits").infer({"input": x[:3]}, 3)
     assert answer.model_version == "1.0.0"
+
+
+def doubling_onnx(path: Path, *, flat: bool) -> Path:
+    """``y = 2 * x`` for ``x`` FP32 [batch, 3]: shaped [batch, 3], or flattened to [batch * 3]."""
+    nodes = [helper.make_node("Mul", ["x", "two"], ["y" if not flat else "doubled"])]
+    initializer = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])]
+    shape: list[str | int] = ["batch", 3]
+    if flat:
+        nodes.append(helper.make_node("Reshape", ["doubled", "flat"], ["y"]))
+        initializer.append(helper.make_tensor("flat", TensorProto.INT64, [1], [-1]))
+        shape = ["values"]
+    graph = helper.make_graph(
+        nodes,
+        "doubling",
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        initializer=initializer,
+    )
+    return _save_onnx(graph, path)
+
+
+async def test_a_shadow_answering_in_another_shape_disagrees_and_keeps_comparing(
+    tmp_path: Path,
+) -> None:
+    bundles = []
+    for version, flat in (("1.0.0", False), ("2.0.0", True)):
+        model = doubling_onnx(tmp_path / f"{version}.onnx", flat=flat)
+        out = tmp_path / f"doubling-{version}.efb"
+        create_bundle(model, name="doubling", version=version, out=out)
+        bundles.append(out)
+    agent = Agent(AgentSettings(state_dir=tmp_path / "state", bundles=(bundles[0],)))
+    await agent.start()
+    try:
+        await agent.attach_shadow(await agent.load(await agent.install(bundles[1]), shadow=True))
+        served = agent.get("doubling")
+        shadow = served.shadow
+        assert shadow is not None
+        x = np.ones((2, 3), np.float32)
+        for _ in range(3):  # more than one: the first must not have ended the comparisons
+            for _ in range(5):
+                answer = await served.infer({"x": x}, 2)
+                assert answer.outputs["y"].shape == (2, 3)
+            await shadow.idle()
+        # The same six values, shaped (6,) against (2, 3): answered, and no row agrees.
+        counts = shadow.counts
+        assert (counts.offered, counts.answered, counts.skipped, counts.failed) == (15, 15, 0, 0)
+        assert (counts.compared, counts.agreed) == (30, 0)
+    finally:
+        await agent.close()
+
+
+class RaisingRunner(ModelRunner):
+    """A runner whose ``run`` raises a plain ``ValueError`` (no agent error) for 2-row requests."""
+
+    async def run(
+        self, inputs: Mapping[str, np.ndarray], rows: int, deadline: float
+    ) -> Mapping[str, np.ndarray]:
+        if rows == 2:
+            raise ValueError("cannot broadcast (2,3) against (2,6)")
+        return await super().run(inputs, rows, deadline)
+
+
+async def test_whatever_a_shadow_raises_counts_as_failed_and_comparisons_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    challenger = runner(FakeSession(), version="2.0.0", config=RunnerConfig(inline_below_us=0))
+    raising = RaisingRunner(challenger.manifest, challenger.resolution, challenger.config)
+    challenger.close()
+    shadow = Shadow(raising, raising.manifest.outputs, ShadowConfig(queue=8, deadline=2.0))
+    one, two = np.ones((1, 3), np.float32), np.ones((2, 3), np.float32)
+    try:
+        for _ in range(3):
+            assert shadow.offer({"x": two}, 2, {"y": two * 2}, "1.0.0")
+            await shadow.idle()
+            assert shadow.offer({"x": one}, 1, {"y": one * 2}, "1.0.0")
+            await shadow.idle()
+        counts = shadow.counts
+        assert (counts.offered, counts.failed, counts.answered, counts.agreed) == (6, 3, 3, 3)
+        # Said once, with the reason; not once per request.
+        warned = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1
+        assert "ValueError: cannot broadcast" in warned[0].getMessage()
+    finally:
+        await shadow.close()
+
+
+async def test_comparisons_that_stopped_start_again_on_the_next_offer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    challenger = runner(FakeSession(), version="2.0.0", config=RunnerConfig(inline_below_us=0))
+    shadow = Shadow(challenger, challenger.manifest.outputs, ShadowConfig(queue=2, deadline=2.0))
+    x = np.ones((1, 3), np.float32)
+    try:
+        assert shadow.offer({"x": x}, 1, {"y": x * 2}, "1.0.0")
+        await shadow.idle()
+        # Its task ends (here, cancelled from outside) while requests keep coming: the queue
+        # fills, and without a restart every later request would be skipped for good.
+        worker = shadow._worker
+        assert worker is not None
+        worker.cancel()
+        await asyncio.sleep(0)
+        assert worker.done()
+        for _ in range(4):
+            shadow.offer({"x": x}, 1, {"y": x * 2}, "1.0.0")
+        await shadow.idle()
+        counts = shadow.counts
+        assert counts.offered == 5
+        assert counts.answered + counts.skipped == 5 and counts.answered >= 3
+        assert counts.agreed == counts.answered
+        assert "starting them again" in caplog.text
+    finally:
+        await shadow.close()
 
 
 # -- a shadow never slows a caller -------------------------------------------------------------

@@ -171,6 +171,10 @@ async def test_drift_refusals_name_the_parameter(api: Api) -> None:
     assert message.startswith("invalid request: query.since:") and "timezone" in message
     message = refusal(await api.get(path, since=iso(START), until=iso(START)), 422, "invalid_query")
     assert message.startswith("since: 2026-11-23T12:00:00+00:00 is not before until")
+    message = refusal(await api.get(path, since="0001-01-01T00:00:00+01:00"), 422, "invalid_query")
+    assert message.startswith("since: 0001-01-01T00:00:00+01:00 is not between 2000 and 2199")
+    message = refusal(await api.get(path, since="2020-01-01T00:00:00Z"), 422, "invalid_query")
+    assert message.startswith("since: the range is ") and "longer than 31 days" in message
     refusal(await api.get("/models/digits/versions/9.9.9/drift"), 404, "unknown_model")
     message = refusal(await api.get("/models/digits/versions/3.0.0/drift"), 409, "no_drift_profile")
     assert "digits@3.0.0 has no drift profile" in message
@@ -255,9 +259,10 @@ async def test_series_refusals_name_the_parameter(api: Api) -> None:
     assert (await refused(422, "invalid_request", model=None)).startswith(
         "invalid request: query.model: Field required"
     )
-    assert (await refused(422, "invalid_request", step="0")).startswith(
-        "invalid request: query.step:"
-    )
+    for step in ("0", "1e-7", "1e300"):
+        assert (await refused(422, "invalid_request", step=step)).startswith(
+            "invalid request: query.step:"
+        ), step
     message = await refused(422, "invalid_query", step="1", since=iso(START - timedelta(days=1)))
     assert message.startswith("step: 1 s over ") and "use a step of at least 87 s" in message
     assert await refused(422, "invalid_query", model="nope") == (

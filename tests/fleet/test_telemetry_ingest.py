@@ -190,6 +190,19 @@ async def test_records_the_device_dropped_are_told_apart_from_missing_ones(
     assert stream.dropped == 4
 
 
+async def test_records_dropped_while_in_flight_that_arrived_are_not_counted_dropped(
+    store: Store, ingest: TelemetryIngest
+) -> None:
+    # The spool sent 1-3, then discarded them at its bound before their PUBACKs came back: it
+    # reports them dropped, but the fleet has them. Only what never arrives counts.
+    await ingest([message(metrics("cam-1", seq)) for seq in (1, 2, 3)])
+    await ingest([message(metrics("cam-1", 4, dropped=3))])
+    stream = store.telemetry.stream("cam-1")
+    assert stream is not None
+    assert (stream.received, stream.dropped, stream.missing) == (4, 0, 0)
+    assert gaps(store, "cam-1") == []
+
+
 def _raw(record: MetricsWindow, change: Callable[[str], str]) -> Incoming:
     return Incoming(
         TOPICS.telemetry(record.device_id, "metrics"), change(encode(record).decode()).encode()
@@ -216,6 +229,12 @@ SCHEMA = {
     "unknown field": lambda s: s.replace('"seconds"', '"secs":1,"seconds"'),
     "schema version": lambda s: s.replace('"schema":1', '"schema":2'),
     "seq zero": lambda s: s.replace('"seq":6', '"seq":0'),
+    # Past 64-bit integers (or the sums of many windows) SQLite would refuse the whole batch.
+    "count past 2^40": lambda s: s.replace('"requests":500', f'"requests":{2**63}'),
+    "bucket past 2^40": lambda s: s.replace("[0,0,1,", f"[0,0,{2**41},"),
+    "clock unset": lambda s: s.replace(
+        '"start":"2026-11-23T12:01:00Z"', '"start":"0001-01-01T00:00:00+05:00"'
+    ),
 }
 
 
@@ -225,6 +244,7 @@ DRIFT_SCHEMA = {
     "too many bins": lambda s: s.replace('"pixel_9":[0,', '"pixel_9":[' + "0," * 300),
     "negative psi": lambda s: s.replace('"pixel_3":0.02', '"pixel_3":-0.5'),
     "empty name": lambda s: s.replace('"pixel_3":[', '"":['),
+    "count past 2^40": lambda s: s.replace('"label":[4,', f'"label":[{2**65},'),
 }
 
 
@@ -265,6 +285,36 @@ async def test_a_drift_record_breaking_the_schema_is_refused(
     assert ingest.rejected == {"schema": 1}
     assert rows(store, "drift_windows") == []
     assert rows(store, "metrics_windows") == [("cam-1", 1)]
+
+
+async def test_a_window_from_a_clock_far_ahead_is_refused(
+    store: Store, ingest: TelemetryIngest
+) -> None:
+    # Windows start 10 s apart from NOW: seq 60 starts ten minutes after the fleet's clock.
+    await ingest([message(metrics("cam-1", 60)), message(metrics("cam-1", 61))])
+    assert ingest.rejected == {"clock": 1}
+    assert rows(store, "metrics_windows") == [("cam-1", 60)]
+
+
+async def test_a_record_that_breaks_the_batch_costs_only_itself(
+    store: Store, ingest: TelemetryIngest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    take = store.telemetry.take
+
+    def failing(records: list[Any], now: datetime) -> Any:
+        if any(r.device_id == "cam-2" and r.seq == 2 for r in records):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return take(records, now)
+
+    monkeypatch.setattr(store.telemetry, "take", failing)
+    batch = [message(metrics(d, seq)) for seq in (1, 2, 3) for d in ("cam-1", "cam-2")]
+    await ingest(batch)
+    assert ingest.rejected == {"error": 1}
+    assert rows(store, "metrics_windows") == [
+        ("cam-1", 1), ("cam-1", 2), ("cam-1", 3), ("cam-2", 1), ("cam-2", 3)
+    ]  # fmt: skip
+    assert ingest.taken == 5
+    assert ingest.accepted == {"metrics": 5}
 
 
 async def test_a_device_enrolled_later_is_taken_from_then_on(

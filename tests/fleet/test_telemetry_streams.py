@@ -241,6 +241,9 @@ def test_the_stream_and_its_gaps_over_the_api_client_and_cli(running: RunningFle
         with pytest.raises(FleetApiError) as too_many:
             client.device_telemetry("cam-1", limit=5000)
         assert too_many.value.status == 422 and "query.limit" in str(too_many.value)
+        with pytest.raises(FleetApiError) as too_far:
+            client.device_telemetry("cam-1", after=2**64)  # past SQLite's integers
+        assert too_far.value.status == 422 and "query.after" in str(too_far.value)
 
     schema = httpx.get(f"{running.url}/api/v1/openapi.json").json()
     route = schema["paths"]["/devices/{device_id}/telemetry"]["get"]
