@@ -101,8 +101,19 @@ def _settings(**flags: Any) -> AgentSettings:
     help="Do not connect to the fleet even though this device is enrolled: serve local models "
     "only and take no updates.",
 )
+@click.option(
+    "--telemetry-window",
+    "telemetry_window_s",
+    type=float,
+    help="Seconds per telemetry window (metrics and drift counts sent to the fleet) [default: 10].",
+)
+@click.option(
+    "--no-telemetry",
+    is_flag=True,
+    help="Count no telemetry: no windows for the fleet, no drift counting (see docs/telemetry.md).",
+)
 @reported
-def serve_command(no_fleet: bool, **flags: Any) -> None:
+def serve_command(no_fleet: bool, no_telemetry: bool, **flags: Any) -> None:
     """Install bundles into the local store and serve them.
 
     \b
@@ -125,7 +136,11 @@ def serve_command(no_fleet: bool, **flags: Any) -> None:
       edgefleet agent status
       edgefleet agent infer digits --random
     """
-    settings = _settings(**flags, fleet_link=False if no_fleet else None)
+    settings = _settings(
+        **flags,
+        fleet_link=False if no_fleet else None,
+        telemetry=False if no_telemetry else None,
+    )
     if no_fleet and settings.broker_url is not None:
         raise click.UsageError("--broker and --no-fleet contradict each other; give one")
     managed = settings.fleet_link and (

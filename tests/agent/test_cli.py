@@ -10,11 +10,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from agent.settings import AgentSettings
+from edgefleet import cli_agent
 from edgefleet.cli import cli
 from tests.models import mlp_reference, mlp_weights
 
@@ -120,6 +124,25 @@ def test_bad_settings_are_named_without_a_traceback(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "unknown device 'TPU'" in result.output and "NPU,GPU,CPU" in result.output
     assert "Traceback" not in result.output
+    window = CliRunner().invoke(
+        cli, ["agent", "serve", "--telemetry-window", "0", "--state-dir", str(tmp_path)]
+    )
+    assert window.exit_code == 2
+    assert "telemetry_window_s: Input should be greater than 0" in window.output
+
+
+def test_telemetry_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def settings(**flags: Any) -> AgentSettings:
+        seen.append(flags)
+        raise click.UsageError("stop here")
+
+    monkeypatch.setattr(cli_agent, "_settings", settings)
+    CliRunner().invoke(cli, ["agent", "serve", "--no-telemetry", "--telemetry-window", "2.5"])
+    CliRunner().invoke(cli, ["agent", "serve"])
+    assert (seen[0]["telemetry"], seen[0]["telemetry_window_s"]) == (False, 2.5)
+    assert (seen[1]["telemetry"], seen[1]["telemetry_window_s"]) == (None, None)
 
 
 def test_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:

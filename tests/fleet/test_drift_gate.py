@@ -43,8 +43,10 @@ def judge(
     prediction: float | None = 0.25,
     feature: float | None = 0.25,
     version: str = "2.0.0",
+    drift: FleetDrift | None = None,
+    now: datetime = NOW,
 ) -> GateResult:
-    gate = DriftGate(FleetDrift(store), prediction, feature, min_rows)
+    gate = DriftGate(drift or FleetDrift(store), prediction, feature, min_rows)
     evidence = WaveEvidence(
         rollout_id="r-test",
         model=MODEL,
@@ -52,7 +54,7 @@ def judge(
         wave=0,
         devices=tuple(DeviceOutcome(d, "committed", previous) for d in devices),
         started_at=START,
-        now=NOW,
+        now=now,
     )
     return gate.evaluate(evidence)
 
@@ -141,6 +143,27 @@ def test_a_version_without_a_drift_profile_passes_saying_so(store: Store) -> Non
     result = judge(store, version="3.0.0")
     assert (result.passed, result.value) == (True, None)
     assert result.detail == "digits@3.0.0 has no drift profile, so its drift is not judged"
+
+
+def test_a_waves_drift_is_read_at_most_once_per_reuse_interval(store: Store) -> None:
+    reporter = Reporter(store)
+    serve(reporter, "2.0.0", START + timedelta(minutes=1), STEADY)
+    drift = FleetDrift(store, wave_reuse_s=30)
+    first = judge(store, previous=None, drift=drift)
+    assert (first.passed, first.samples) == (True, 600)
+
+    serve(reporter, "2.0.0", START + timedelta(minutes=2), SHIFTED)
+    serve(reporter, "2.0.0", START + timedelta(minutes=3), SHIFTED)
+    # Asked again within 30 s: the last reading, the new windows not read yet.
+    assert judge(store, previous=None, drift=drift, now=NOW + timedelta(seconds=29)) == first
+    # Another wave (other devices) is read on its own.
+    other = judge(store, devices=("cam-a",), previous=None, drift=drift)
+    assert (other.passed, other.samples) == (False, 900)
+    # 30 s on, the wave's windows are read again.
+    later = judge(store, previous=None, drift=drift, now=NOW + timedelta(seconds=30))
+    assert (later.passed, later.samples) == (False, 1800)
+    # Without reuse every ask reads them.
+    assert judge(store, previous=None).samples == 1800
 
 
 def test_standard_gates_add_the_drift_gate_unless_turned_off(store: Store) -> None:
