@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,8 +23,7 @@ from fleet.errors import EnrollmentError, LinkError
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.store import Store, open_store
-from fleet.telemetry.ingest import TelemetryIngest
-from fleet.telemetry.workers import retire, run_worker, share_group, worker_tls
+from fleet.telemetry.workers import retire, share_group, worker_tls
 from fleet.trust.ca import check_device_name
 from fleet.trust.enroll import EnrollmentTokens
 from fleet.trust.identities import (
@@ -36,6 +35,8 @@ from fleet.trust.identities import (
 from protocol.mqtt import ActiveModel, AgentState, Topics, encode
 from protocol.telemetry import MetricsWindow
 from tests.e2e.broker import Broker, Identity, LocalCA, MqttClient, start_broker
+from tests.fleet.ingest_support import Workers
+from tests.waiting import until
 
 TOPICS = Topics()
 ROOT = "edgefleet/v1/devices"
@@ -128,43 +129,13 @@ def count(store: Store) -> int:
     return int(store.db.execute("SELECT count(*) FROM metrics_windows").fetchone()[0])
 
 
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-class Workers:
-    """``run_worker`` tasks on this event loop, as `fleet ingest` runs them in processes."""
-
-    def __init__(self, settings: FleetSettings) -> None:
-        self.settings = settings
-        self.stops: dict[int, asyncio.Event] = {}
-        self.tasks: dict[int, asyncio.Task[TelemetryIngest]] = {}
-
-    async def start(self, number: int) -> None:
-        ready = asyncio.Event()
-        self.stops[number] = asyncio.Event()
-        self.tasks[number] = asyncio.create_task(
-            run_worker(self.settings, number, self.stops[number], ready=ready.set)
-        )
-        await asyncio.wait_for(ready.wait(), 10)
-
-    async def stop(self, number: int) -> TelemetryIngest:
-        self.stops[number].set()
-        return await self.tasks.pop(number)
-
-
 @pytest.fixture
 async def workers(settings: FleetSettings) -> AsyncIterator[Workers]:
     running = Workers(settings)
     try:
         yield running
     finally:
-        for number in list(running.tasks):
-            await running.stop(number)
+        await running.stop_all()
 
 
 def common_name(path: Path) -> str:

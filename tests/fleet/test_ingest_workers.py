@@ -25,12 +25,13 @@ from edgefleet.cli import cli
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.store import Store, open_store
-from fleet.telemetry.ingest import TelemetryIngest
-from fleet.telemetry.workers import IngestWorkers, retire, run_worker
+from fleet.telemetry.workers import IngestWorkers, retire
 from fleet.trust import generate_key
 from protocol.mqtt import Topics, encode
 from protocol.telemetry import MetricsWindow
+from tests.fleet.ingest_support import Workers
 from tests.mqtt_support import PlainBroker
+from tests.waiting import until
 
 TOPICS = Topics()
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
@@ -125,43 +126,13 @@ def exactly_once(store: Store, seqs: int) -> None:
         assert (stream.received, stream.missing, stream.high_seq) == (seqs, 0, seqs)
 
 
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-class Workers:
-    """``run_worker`` tasks on this event loop, each with its own connection and database."""
-
-    def __init__(self, settings: FleetSettings) -> None:
-        self.settings = settings
-        self.stops: dict[int, asyncio.Event] = {}
-        self.tasks: dict[int, asyncio.Task[TelemetryIngest]] = {}
-
-    async def start(self, number: int) -> None:
-        ready = asyncio.Event()
-        self.stops[number] = asyncio.Event()
-        self.tasks[number] = asyncio.create_task(
-            run_worker(self.settings, number, self.stops[number], ready=ready.set)
-        )
-        await asyncio.wait_for(ready.wait(), 10)
-
-    async def stop(self, number: int) -> TelemetryIngest:
-        self.stops[number].set()
-        return await self.tasks.pop(number)
-
-
 @pytest.fixture
 async def workers(settings: FleetSettings) -> AsyncIterator[Workers]:
     running = Workers(settings)
     try:
         yield running
     finally:
-        for number in list(running.tasks):
-            await running.stop(number)
+        await running.stop_all()
 
 
 async def test_two_workers_split_the_load_and_every_record_lands_once(

@@ -5,8 +5,7 @@ broker and of the fleet lose nothing."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ from protocol.mqtt import (
     encode,
 )
 from tests.mqtt_support import PlainBroker, Subscriber, free_port
+from tests.waiting import until
 
 TOPICS = Topics()
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
@@ -55,14 +55,6 @@ class Fleet:
     updates: RecordingUpdates
     director: Director
     key: Ed25519PrivateKey
-
-
-async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -23,6 +22,7 @@ from fleet.telemetry.ingest import TelemetryIngest
 from protocol.mqtt import Topics, UpdateProgress, encode
 from protocol.telemetry import DriftWindow, MetricsWindow, latency_percentile
 from tests.mqtt_support import PlainBroker, Subscriber
+from tests.waiting import until
 
 TOPICS = Topics()
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
@@ -336,14 +336,6 @@ async def test_a_large_batch_is_taken_in_chunks(store: Store) -> None:
     assert len(rows(store, "metrics_windows")) == 50
 
 
-async def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 class _Updates:
     def __init__(self) -> None:
         self.seen: list[UpdateProgress] = []
@@ -368,7 +360,7 @@ async def test_the_service_link_takes_telemetry_beside_update_messages(
             kind = "metrics" if seq % 2 else "drift"
             await asyncio.to_thread(device.publish, TOPICS.telemetry("cam-1", kind), encode(record))
         await asyncio.to_thread(device.publish, TOPICS.update("cam-1"), encode(progress))
-        await _until(lambda: ingest.taken == 20 and updates.seen == [progress])
+        await until(lambda: ingest.taken == 20 and updates.seen == [progress])
     finally:
         device.close()
         await link.close()
@@ -388,7 +380,7 @@ async def test_a_record_published_at_qos_0_is_taken_too(
     try:
         for seq in (1, 2):
             device.publish(TOPICS.telemetry("cam-2", "metrics"), encode(metrics("cam-2", seq)))
-        await _until(lambda: ingest.taken == 2)
+        await until(lambda: ingest.taken == 2)
     finally:
         device.disconnect()
         device.loop_stop()
