@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,8 @@ def _runs(api: httpx.Client, device: str) -> str | None:
 def test_shifted_inputs_raise_an_alert_and_halt_a_rollout_at_its_drift_gate(
     system: System,
 ) -> None:
+    since_start = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()  # before it all
+
     # The agents' drift windows reach the fleet, and the monitor raises alerts on 1.0.0.
     def alerts() -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = system.get(
@@ -234,9 +236,7 @@ def test_shifted_inputs_raise_an_alert_and_halt_a_rollout_at_its_drift_gate(
     }
     assert ("drift.raised", "mlp@1.0.0", worst["feature"], worst["scope"]) in entries
 
-    drift = system.get(
-        "/models/mlp/versions/1.0.0/drift", group=GROUP, since="2000-01-01T00:00:00Z"
-    )
+    drift = system.get("/models/mlp/versions/1.0.0/drift", group=GROUP, since=since_start)
     assert drift["devices"] == 2 and drift["rows"] > 0
     shifted = next(f for f in drift["features"] if f["name"] == worst["feature"])
     assert shifted["psi"] >= 0.25
@@ -285,5 +285,5 @@ def test_shifted_inputs_raise_an_alert_and_halt_a_rollout_at_its_drift_gate(
     canary = next(d["device"] for d in view["devices"] if d["wave"] == 0)
     other = next(d for d in DEVICES if d != canary)
     assert _runs(system.api, other) == "1.0.0"
-    new = system.get("/models/mlp/versions/2.0.0/drift", since="2000-01-01T00:00:00Z")
+    new = system.get("/models/mlp/versions/2.0.0/drift", since=since_start)
     assert new["devices"] == 1 and new["rows"] >= 20

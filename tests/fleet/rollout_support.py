@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fleet.errors import LinkError
 from fleet.rollouts import RolloutEngine, RolloutSpec
+from fleet.rollouts.ports import DeviceTargets
 from fleet.rollouts.spec import GatePolicy, RolloutPolicy
 from fleet.store import ModelVersion, Selector, Store, open_store
 from protocol.director import ModelTarget
@@ -61,14 +62,19 @@ class RecordingPublisher:
     calls: int = 0
 
     async def publish(
-        self, targets: Mapping[str, ModelTarget], rollout_id: str | None
+        self, targets: Mapping[str, DeviceTargets], rollout_id: str | None
     ) -> Mapping[str, int]:
         self.calls += 1
         if self.failing:
             raise LinkError("broker unreachable (test)")
         seqs = self.store.devices.next_seqs(targets)
-        for device_id, target in targets.items():
-            self.sent.append(Published(device_id, target.version, seqs[device_id], rollout_id))
+        for device_id, named in targets.items():
+            # A shadow experiment names the primary and the challenger: record the challenger.
+            moved = named if isinstance(named, ModelTarget) else named[-1]
+            for target in () if isinstance(named, ModelTarget) else named:
+                if target.role == "shadow":
+                    moved = target
+            self.sent.append(Published(device_id, moved.version, seqs[device_id], rollout_id))
         return seqs
 
     def last(self, device_id: str) -> Published:

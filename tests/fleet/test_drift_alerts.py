@@ -12,6 +12,7 @@ import pytest
 from fleet.store import Store
 from fleet.store.drift import DriftAlerts
 from fleet.telemetry.alerts import ACTOR, DriftMonitor
+from protocol.manifest import DriftProfile, FeatureBins
 from tests.fleet.rollout_support import MODEL, START, Clock
 from tests.fleet.test_drift import SHIFTED, STEADY, TILTED, Reporter, publish, store
 
@@ -190,3 +191,117 @@ def test_windows_arriving_after_their_window_passed_are_not_counted(store: Store
     reporter.counts("cam-d", "2.0.0", clock() - timedelta(seconds=30), STEADY)
     clock.advance(30)
     assert watcher.check(clock()) == []  # 300 steady rows: nothing to say
+
+
+@pytest.mark.parametrize("emptied_by", ["stream reset", "retention"])
+def test_windows_stored_after_the_newest_rows_went_are_all_read(
+    store: Store, emptied_by: str
+) -> None:
+    clock = Clock(START + timedelta(minutes=1))
+    watcher = monitor(store, clock, min_rows=100)
+    reporter = Reporter(store)
+    reporter.counts("cam-d", "2.0.0", START, STEADY)
+    reporter.counts("cam-d", "2.0.0", START + timedelta(seconds=10), STEADY)
+    assert watcher.check(clock()) == []  # 600 steady rows read
+    # The newest raw rows leave the table (summed into their hour): ids must not be reused.
+    if emptied_by == "stream reset":
+        store.telemetry.reset_stream("cam-d")  # enrolled again: its stream starts at seq 1
+        reporter.seqs["cam-d"] = 0
+    else:
+        assert store.telemetry.roll_up("drift", clock(), 100) == 2
+    assert store.db.execute("SELECT count(*) FROM drift_windows").fetchone()[0] == 0
+    for i in range(3):
+        reporter.counts("cam-d", "2.0.0", START + timedelta(seconds=20 + i), SHIFTED)
+    clock.advance(30)
+    [raised] = watcher.check(clock())
+    assert (raised.change, raised.alert.feature, raised.alert.rows) == ("raised", "x[0]", 1500)
+
+
+def test_drift_windows_replaced_under_the_monitor_are_read_afresh(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(START + timedelta(minutes=1))
+    watcher = monitor(store, clock, min_rows=100)
+    reporter = Reporter(store)
+    for i in range(3):
+        reporter.counts("cam-d", "2.0.0", START + timedelta(seconds=i), STEADY)
+    assert watcher.check(clock()) == []
+    # The table as a restored backup leaves it: other rows, ids counted from 1 again.
+    store.db.execute("DELETE FROM drift_windows")
+    store.db.execute("DELETE FROM sqlite_sequence WHERE name = 'drift_windows'")
+    reporter.counts("cam-d", "2.0.0", START + timedelta(seconds=30), SHIFTED)
+    clock.advance(30)
+    with caplog.at_level(logging.WARNING, logger="fleet.telemetry.alerts"):
+        [raised] = watcher.check(clock())
+    assert raised.alert.rows == 300  # the table's rows now, none counted twice or skipped
+    assert any("replaced under the drift monitor" in r.getMessage() for r in caplog.records)
+
+
+def test_windows_from_a_clock_far_ahead_are_left_out_and_said_once_per_device(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(START + timedelta(minutes=1))
+    watcher = monitor(store, clock, min_rows=100)
+    reporter = Reporter(store)
+    reporter.counts("cam-d", "2.0.0", START, STEADY)
+    reporter.counts("cam-a", "2.0.0", clock() + timedelta(hours=3), SHIFTED)  # north, 3 h ahead
+    reporter.counts("cam-a", "2.0.0", clock() + timedelta(hours=3, seconds=10), SHIFTED)
+    reporter.counts("cam-b", "2.0.0", clock() + timedelta(minutes=2), SHIFTED)  # south, a bit
+    with caplog.at_level(logging.WARNING, logger="fleet.telemetry.alerts"):
+        changes = watcher.check(clock())
+    raised = sorted((c.alert.scope, c.alert.feature, c.alert.rows) for c in changes)
+    # cam-b counts now; cam-a's windows do not count at all: nothing in north.
+    assert raised == [("fleet", "x[0]", 600), ("group:south", "x[0]", 300)]
+    ahead = [r for r in caplog.records if "ahead of the fleet's clock" in r.getMessage()]
+    assert [r.device for r in ahead] == ["cam-a"]  # type: ignore[attr-defined]
+
+    # Once the window has passed nothing is left to hold the alerts open: cam-b's window
+    # counted in the minute it arrived, cam-a's nowhere.
+    clock.advance(11 * 60)
+    changes = watcher.check(clock())
+    assert sorted((c.change, c.alert.scope) for c in changes) == [
+        ("cleared", "fleet"),
+        ("cleared", "group:south"),
+    ]
+
+
+def test_counts_of_minutes_after_a_clock_stepped_back_are_dropped(store: Store) -> None:
+    clock = Clock(START + timedelta(hours=2))
+    watcher = monitor(store, clock, min_rows=100)
+    Reporter(store).counts("cam-d", "2.0.0", clock() - timedelta(seconds=30), SHIFTED)
+    [raised] = watcher.check(clock())
+    assert raised.change == "raised"
+    clock.advance(-3600)  # the fleet's clock corrected by an hour
+    [cleared] = watcher.check(clock())
+    assert (cleared.change, cleared.alert.id, cleared.alert.rows) == ("cleared", raised.alert.id, 0)
+
+
+def test_a_feature_and_an_output_of_one_name_have_an_alert_each(store: Store) -> None:
+    bins = (0.0, 1.0, 2.0, 3.0)
+    publish(
+        store,
+        "5.0.0",
+        DriftProfile(
+            features=(FeatureBins(name="score", tensor="x", edges=bins, counts=STEADY),),
+            outputs=(FeatureBins(name="score", tensor="y", edges=bins, counts=STEADY),),
+        ),
+    )
+    clock = Clock(START + timedelta(minutes=1))
+    watcher = monitor(store, clock, min_rows=100)
+    reporter = Reporter(store)
+    reporter.window("cam-d", "5.0.0", START, {"score": SHIFTED}, {"score": SHIFTED})
+    changes = watcher.check(clock())
+    assert sorted((c.change, c.alert.kind, c.alert.feature) for c in changes) == [
+        ("raised", "feature", "score"),
+        ("raised", "output", "score"),
+    ]
+
+    clock.advance(30)
+    reporter.window("cam-d", "5.0.0", START + timedelta(seconds=30), {"score": SHIFTED},
+                    {"score": STEADY})  # fmt: skip
+    changes = watcher.check(clock())
+    assert sorted((c.change, c.alert.kind, c.alert.rows) for c in changes) == [
+        ("updated", "feature", 600),
+        ("updated", "output", 600),
+    ]
+    assert {a.kind for a in DriftAlerts(store.db).find(version="5.0.0")} == {"feature", "output"}
