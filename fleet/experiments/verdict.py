@@ -188,6 +188,9 @@ class _Arm:
 def experiment_verdict(store: Store, rollout_id: str, now: datetime) -> ExperimentVerdict:
     """The verdict of ``rollout_id``'s experiment from the metrics stored so far.
 
+    Records count from the start of the rollout's first wave; rolled-up hours from the hour
+    that contains it (see :mod:`fleet.store.experiments`). Blocking: reads the store and sums a
+    record per device and version, so an async caller runs it in a worker thread.
     Raises :class:`~fleet.errors.UnknownRolloutError` for an unknown rollout and
     :class:`~fleet.errors.NoExperimentError` for a rollout without an experiment.
     """
@@ -204,7 +207,8 @@ def experiment_verdict(store: Store, rollout_id: str, now: datetime) -> Experime
     assigned = {a.device_id for a in store.rollouts.assignments(rollout_id)}
     totals = store.experiments.totals(row.model, since)
     if experiment.mode == "ab":
-        selected = {d.id for d in store.devices.find(row.selector)}
+        # Once, not per record: a fleet of thousands has a record per device and version.
+        kept = set(store.devices.select(row.selector)) - assigned
         treatment = _Arm.of(
             "treatment",
             "primary",
@@ -220,9 +224,7 @@ def experiment_verdict(store: Store, rollout_id: str, now: datetime) -> Experime
             (
                 r
                 for r in totals
-                if r.device_id in selected - assigned
-                and r.version != row.version
-                and r.role == "primary"
+                if r.device_id in kept and r.version != row.version and r.role == "primary"
             ),
         )
     else:

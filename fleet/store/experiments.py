@@ -1,23 +1,35 @@
 """Metrics as an experiment's verdict reads them: one total per device, version and role.
 
 Raw windows (``metrics_windows``) and the hourly rollups that replace them past their retention
-(``metrics_hourly``) are read by one rule: a record counts when it starts at or after ``since``
-(a rollup starts at its hour). A window is in exactly one of the two tables, so the sums count
+(``metrics_hourly``) are read by one rule: a record counts when it starts at or after ``since``,
+and a rollup when its hour does or contains ``since``. The rollup of the hour in which an
+experiment started cannot be split, so it counts whole: once that hour is rolled up, up to an
+hour of traffic from before ``since`` is included (without it, everything from ``since`` to the
+end of that hour would drop out). A window is in exactly one of the two tables, so the sums count
 every request once. The latency histograms are added bucket by bucket in SQL (``json_each``),
 so a verdict over weeks of traffic reads a few rows per device, not every window.
+
+A verdict is computed off the event loop (it reads and sums a row per device and version), so
+:func:`read_only` opens a connection of its own, in the thread that uses it, to the file the
+store's connection reads (:func:`database_file`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+
+import sqlite_utils
 
 from fleet.store.db import Database, now_text, translated
 from protocol.telemetry import LATENCY_BUCKETS_MS
 
-__all__ = ["ExperimentReads", "VersionTotals"]
+__all__ = ["ExperimentReads", "VersionTotals", "database_file", "read_only", "start_hour"]
 
 _BUCKETS = len(LATENCY_BUCKETS_MS) + 1
 _SUMS = (
@@ -25,6 +37,7 @@ _SUMS = (
     "agreements",
 )  # fmt: skip
 _TABLES = (("metrics_windows", "start"), ("metrics_hourly", "hour"))
+_BUSY_TIMEOUT_S = 10.0  # a checkpoint may hold the file briefly
 
 
 @dataclass(frozen=True)
@@ -55,10 +68,10 @@ class ExperimentReads:
         """Per (device, version, role) of ``model``, the sums of every record since ``since``."""
         sums: dict[tuple[str, str, str], list[int]] = {}
         latency: dict[tuple[str, str, str], list[int]] = {}
-        after = now_text(since)
         columns = ", ".join(f"sum({c})" for c in _SUMS)
         with translated(f"summing the metrics of {model}"):
             for table, start in _TABLES:
+                after = now_text(since if table == "metrics_windows" else start_hour(since))
                 rows = self._db.execute(
                     f"SELECT device_id, version, role, {columns} FROM {table} "  # noqa: S608 - our names
                     f"WHERE model = ? AND {start} >= ? GROUP BY device_id, version, role",
@@ -88,6 +101,39 @@ class ExperimentReads:
             )
             for key, values in sorted(sums.items())
         ]
+
+
+def start_hour(since: datetime) -> datetime:
+    """The hour (UTC) that contains ``since``: the first rollup that counts from ``since`` on."""
+    return since.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+
+def database_file(db: Database) -> str | None:
+    """The file ``db`` reads, or None for an in-memory database (no file to open again)."""
+    with translated("finding the database file"):
+        for _, name, file, *_ in db.execute("PRAGMA database_list").fetchall():
+            if name == "main":
+                return str(file) or None
+    return None
+
+
+@contextlib.contextmanager
+def read_only(path: str) -> Iterator[Database]:
+    """A read-only connection to the database file at ``path``, in one read transaction.
+
+    Every read through it sees the same snapshot, and in WAL mode it never blocks a writer.
+    Open and use it in one thread (the one computing a verdict): SQLite connections are not
+    shared across threads here.
+    """
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    with translated(f"opening {path} to read"):
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
+    try:
+        with translated(f"reading {path}"):
+            conn.execute("BEGIN")  # deferred: the snapshot is taken at the first read
+        yield sqlite_utils.Database(conn)
+    finally:
+        conn.close()  # closing ends the read transaction; nothing was written
 
 
 def _add_sums(sums: dict[tuple[str, str, str], list[int]], rows: Iterable[Any]) -> None:

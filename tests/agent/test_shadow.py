@@ -256,7 +256,7 @@ class RaisingRunner(ModelRunner):
 
     async def run(
         self, inputs: Mapping[str, np.ndarray], rows: int, deadline: float
-    ) -> Mapping[str, np.ndarray]:
+    ) -> dict[str, np.ndarray]:
         if rows == 2:
             raise ValueError("cannot broadcast (2,3) against (2,6)")
         return await super().run(inputs, rows, deadline)
@@ -304,7 +304,7 @@ async def test_comparisons_that_stopped_start_again_on_the_next_offer(
         assert worker.done()
         for _ in range(4):
             shadow.offer({"x": x}, 1, {"y": x * 2}, "1.0.0")
-        await shadow.idle()
+        await asyncio.wait_for(shadow.idle(), 5)  # never drains if nothing restarted the task
         counts = shadow.counts
         assert counts.offered == 5
         assert counts.answered + counts.skipped == 5 and counts.answered >= 3

@@ -1,6 +1,8 @@
 """Experiment verdicts computed from metrics windows stored as the ingest stores them: clear
 differences, equal versions, too few requests, shadows with their agreement, and the rules for
-which records count (since the rollout started, in the right arm, rolled up into hours)."""
+which records count (since the rollout started, in the right arm, rolled up into hours, the hour
+the rollout started in included), over a fleet of thousands too; and the read-only connection a
+verdict is computed over off the event loop."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from fleet.errors import NoExperimentError, UnknownRolloutError
+from fleet.errors import NoExperimentError, StoreError, UnknownRolloutError
 from fleet.experiments import ExperimentVerdict, MetricComparison, experiment_verdict
 from fleet.rollouts.plan import split_arms
 from fleet.rollouts.spec import ExperimentPolicy
+from fleet.store import Store, open_store
+from fleet.store.db import transaction
+from fleet.store.experiments import database_file, read_only
 from tests.fleet.experiment_support import write_windows
 from tests.fleet.rollout_support import (
     MODEL,
@@ -200,6 +205,80 @@ async def test_windows_rolled_up_into_hours_still_count(tmp_path: Path) -> None:
     assert after.verdict == "treatment_worse"
 
 
+async def test_the_hour_the_rollout_started_in_still_counts_once_rolled_up(tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, len(DEVICES))
+    fleet.clock.advance(30 * 60)  # the rollout starts at 12:30, mid-hour
+    policy = fast_policy(waves=(100,), experiment=ExperimentPolicy(mode="ab"))
+    view = fleet.engine.create(spec(policy=policy), "alice")
+    await fleet.engine.step()
+    since = fleet.clock()
+    treatment, control = split_arms(MODEL, DEVICES, 0.5)
+    at = since + timedelta(minutes=10)  # 12:40, in the hour the rollout started in
+    write_windows(fleet.store, treatment, "2.0.0", start=at, requests=2000, errors=240)
+    write_windows(fleet.store, control, "1.0.0", start=at, requests=2000, errors=40)
+    # 12:10, before the start but in the same hour; and 11:50, the hour before.
+    write_windows(fleet.store, control, "1.0.0", start=since - timedelta(minutes=20), requests=50)
+    write_windows(fleet.store, control, "1.0.0", start=since - timedelta(minutes=40), requests=70)
+
+    raw = verdict(fleet, rollout_id := view.id)
+    assert raw.since == since
+    assert (raw.treatment.requests, raw.control.requests) == (2000, 2000)
+    assert fleet.store.telemetry.roll_up("metrics", START + timedelta(hours=1), 1000) == 20
+    rolled = verdict(fleet, rollout_id)
+    # 12:00-13:00 is one row now, and it counts whole: the experiment's traffic stays in, with
+    # the 50 requests from 12:10 (at most an hour before the start); 11:00's row never counts.
+    assert rolled.treatment == raw.treatment
+    assert (rolled.treatment.requests, rolled.control.requests) == (2000, 2050)
+    assert rolled.verdict == raw.verdict == "treatment_worse"
+
+
+async def test_a_fleet_of_thousands_gets_its_verdict(tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, 0)
+    devices = [f"cam-{i:05d}" for i in range(4000)]
+    with transaction(fleet.store.db):
+        for device_id in devices:
+            add_device(fleet.store, device_id)
+    add_device(fleet.store, "door-1", groups=("doors",))  # not selected: never the control
+    policy = fast_policy(waves=(100,), experiment=ExperimentPolicy(mode="ab", split=0.25))
+    view = fleet.engine.create(spec(policy=policy), "alice")
+    await fleet.engine.step()
+    treatment, control = split_arms(MODEL, devices, 0.25)
+    assert len(treatment) + len(control) == len(devices)
+    for arm, version in ((treatment, "2.0.0"), (control, "1.0.0")):
+        write_windows(
+            fleet.store, arm, version, start=LATER, requests=10 * len(arm), errors=len(arm)
+        )
+    write_windows(fleet.store, ["door-1"], "1.0.0", start=LATER, requests=500, errors=500)
+
+    result = verdict(fleet, view.id)
+    assert (result.treatment.devices, result.control.devices) == (len(treatment), len(control))
+    assert result.treatment.requests == 10 * len(treatment)
+    assert (result.control.requests, result.control.errors) == (10 * len(control), len(control))
+    assert result.verdict == "no_difference"
+
+
+def test_a_verdict_reads_a_read_only_snapshot_of_the_file(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "fleet.sqlite")
+    try:
+        path = database_file(store.db)
+        assert path == str(tmp_path / "fleet.sqlite")
+        with read_only(path) as db:
+            assert Store(db).devices.find() == []
+            add_device(store, "cam-1")  # written meanwhile: not in the snapshot being read
+            assert Store(db).devices.find() == []
+            with pytest.raises(StoreError, match="readonly"):
+                add_device(Store(db), "cam-2")
+        with read_only(path) as db:
+            assert [d.id for d in Store(db).devices.find()] == ["cam-1"]
+    finally:
+        store.close()
+    memory = open_store(":memory:")
+    assert database_file(memory.db) is None
+    memory.close()
+    with pytest.raises(StoreError, match="opening"), read_only(str(tmp_path / "missing.sqlite")):
+        pass
+
+
 async def test_a_shadow_is_judged_against_the_primary_beside_it(tmp_path: Path) -> None:
     fleet = make_fleet(tmp_path, 4)
     policy = fast_policy(waves=(100,), experiment=ExperimentPolicy(mode="shadow", min_samples=500))
@@ -229,7 +308,7 @@ async def test_a_shadow_is_judged_against_the_primary_beside_it(tmp_path: Path) 
     assert agreement is not None
     assert (agreement.compared, agreement.agreed) == (3762, 3575)
     assert agreement.rate == pytest.approx(3575 / 3762)
-    assert agreement.low < agreement.rate < agreement.high
+    assert agreement.rate is not None and agreement.low < agreement.rate < agreement.high
     assert agreement.high - agreement.low < 0.02
     assert agreement.confidence == pytest.approx(0.95)
 
