@@ -11,7 +11,6 @@ rollout of the next version halts at its canary wave with "drift" as the reason.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -30,7 +29,17 @@ from exporters.package import create_bundle
 from protocol.drift import drift_profile
 from protocol.manifest import DriftProfile, TensorSpec
 from tests.e2e.broker import LocalCA, start_broker
-from tests.e2e.test_fleet_rollout import EDGEFLEET, Process, run_cli, start_fleet, wait_until
+from tests.e2e.system import (
+    Process,
+    enroll,
+    fleet_api,
+    join_group,
+    run_cli,
+    start_agent,
+    start_fleet,
+    system_running,
+    wait_until,
+)
 from tests.models import mlp_onnx
 from tests.mqtt_support import free_port
 
@@ -144,46 +153,29 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[System]:
     monkeypatch.setenv("EDGEFLEET_FLEET_DRIFT_MIN_ROWS", "200")
     port = free_port()
     fleet = start_fleet(home, port, broker, tmp_path / "fleet.log")
-    token = (home / "admin.token").read_text().strip()
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}/api/v1",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
+    api = fleet_api(home, port)
     agents: dict[str, Process] = {}
     urls: dict[str, str] = {}
     traffic: ShiftedTraffic | None = None
     try:
+        env = {
+            "EDGEFLEET_AGENT_TELEMETRY_WINDOW_S": "1",
+            "EDGEFLEET_AGENT_PROBATION_S": "2",
+            "EDGEFLEET_AGENT_PROBATION_REQUESTS": "1000",
+            "EDGEFLEET_AGENT_STATE_INTERVAL_S": "2",
+            "EDGEFLEET_AGENT_PROBATION_MAX_LATENCY_RATIO": "5",
+        }
         for device in DEVICES:
-            output = run_cli("fleet", "--home", str(home), "enroll-token", device)
-            enroll_token = next(w for w in output.split() if w.startswith("eft_"))
-            state = tmp_path / device
-            run_cli("agent", "enroll", "--fleet", f"http://127.0.0.1:{port}", "--device-id",
-                    device, "--token", enroll_token, "--state-dir", str(state))  # fmt: skip
-            agent_port = free_port()
-            env = {
-                **os.environ,
-                "EDGEFLEET_AGENT_TELEMETRY_WINDOW_S": "1",
-                "EDGEFLEET_AGENT_PROBATION_S": "2",
-                "EDGEFLEET_AGENT_PROBATION_REQUESTS": "1000",
-                "EDGEFLEET_AGENT_STATE_INTERVAL_S": "2",
-                "EDGEFLEET_AGENT_PROBATION_MAX_LATENCY_RATIO": "5",
-            }
-            argv = [*EDGEFLEET, "agent", "serve", "--bundle", str(bundles["1.0.0"]),
-                    "--fallback", str(bundles["small"]), "--state-dir", str(state),
-                    "--port", str(agent_port), "--socket", str(state / "a.sock")]  # fmt: skip
-            agents[device] = Process(argv, env, tmp_path / f"{device}.log").start()
-            urls[device] = f"http://127.0.0.1:{agent_port}"
-        system = System(api, fleet, agents)
-        for device in DEVICES:
-            wait_until(
-                lambda d=device: agents[d].alive() and _runs(api, d) == "1.0.0",  # type: ignore[misc]
-                f"{device} to report its state",
-                WAIT,
-                system.diagnostics,
+            enroll(home, port, device, tmp_path / device)
+            agents[device], urls[device] = start_agent(
+                bundles["1.0.0"],
+                tmp_path / device,
+                tmp_path / f"{device}.log",
+                env=env,
+                fallback=bundles["small"],
             )
-            response = api.patch(f"/devices/{device}/labels", json={"add_groups": [GROUP]})
-            assert response.status_code == 200, response.text
+        system = System(api, fleet, agents)
+        join_group(api, agents, GROUP, system.diagnostics)
         traffic = ShiftedTraffic(urls).start()
         yield system
         assert traffic.failures == [], traffic.failures[:5]
@@ -195,13 +187,6 @@ def system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[System]:
         fleet.stop()
         broker.stop()
         api.close()
-
-
-def _runs(api: httpx.Client, device: str) -> str | None:
-    response = api.get(f"/devices/{device}")
-    assert response.status_code == 200, response.text
-    versions = [m["version"] for m in response.json()["models"] if m["name"] == "mlp"]
-    return versions[0] if versions else None
 
 
 @pytest.mark.timeout(240)
@@ -284,6 +269,6 @@ def test_shifted_inputs_raise_an_alert_and_halt_a_rollout_at_its_drift_gate(
     assert re.search(r"compared, (6[4-9]|[7-9]\d) over their limit", detail), detail
     canary = next(d["device"] for d in view["devices"] if d["wave"] == 0)
     other = next(d for d in DEVICES if d != canary)
-    assert _runs(system.api, other) == "1.0.0"
+    assert system_running(system.api, other) == "1.0.0"
     new = system.get("/models/mlp/versions/2.0.0/drift", since=since_start)
     assert new["devices"] == 1 and new["rows"] >= 20

@@ -12,7 +12,6 @@ agreement rate. Aborting the shadow rollout unloads the shadow.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,15 @@ import pytest
 from exporters.package import create_bundle
 from fleet.rollouts.plan import split_arms
 from tests.e2e.broker import Broker, LocalCA, start_broker
-from tests.e2e.test_fleet_rollout import (
-    EDGEFLEET,
+from tests.e2e.system import (
     ROWS,
     Process,
     Traffic,
+    enroll,
+    fleet_api,
+    join_group,
     run_cli,
+    start_agent,
     start_fleet,
     system_running,
     wait_until,
@@ -131,42 +133,22 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     create_bundle(models["small"], name="mlp-small", version="1.0.0", out=small, max_batch=8)
     port = free_port()
     fleet = start_fleet(home, port, broker, root / "fleet.log")
-    token = (home / "admin.token").read_text().strip()
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}/api/v1",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
+    api = fleet_api(home, port)
     agents: dict[str, Process] = {}
     urls: dict[str, str] = {}
     traffic: Traffic | None = None
     try:
+        env = {
+            "EDGEFLEET_AGENT_PROBATION_S": "0",
+            "EDGEFLEET_AGENT_STATE_INTERVAL_S": "1",
+            "EDGEFLEET_AGENT_TELEMETRY_WINDOW_S": "1",
+        }
         for device in DEVICES:
-            output = run_cli("fleet", "--home", str(home), "enroll-token", device)
-            enroll_token = next(w for w in output.split() if w.startswith("eft_"))
-            state = root / device
-            run_cli("agent", "enroll", "--fleet", f"http://127.0.0.1:{port}", "--device-id",
-                    device, "--token", enroll_token, "--state-dir", str(state))  # fmt: skip
-            agent_port = free_port()
-            env = {
-                **os.environ,
-                "EDGEFLEET_AGENT_PROBATION_S": "0",
-                "EDGEFLEET_AGENT_STATE_INTERVAL_S": "1",
-                "EDGEFLEET_AGENT_TELEMETRY_WINDOW_S": "1",
-            }
-            argv = [*EDGEFLEET, "agent", "serve", "--bundle", str(bundles["1.0.0"]),
-                    "--fallback", str(small), "--state-dir", str(state),
-                    "--port", str(agent_port), "--socket", str(state / "a.sock")]  # fmt: skip
-            agents[device] = Process(argv, env, root / f"{device}.log").start()
-            urls[device] = f"http://127.0.0.1:{agent_port}"
-        for device in DEVICES:
-            wait_until(
-                lambda d=device: agents[d].alive() and system_running(api, d) == "1.0.0",  # type: ignore[misc]
-                f"{device} to report its state",
-                timeout=60,
+            enroll(home, port, device, root / device)
+            agents[device], urls[device] = start_agent(
+                bundles["1.0.0"], root / device, root / f"{device}.log", env=env, fallback=small
             )
-            response = api.patch(f"/devices/{device}/labels", json={"add_groups": [GROUP]})
-            assert response.status_code == 200, response.text
+        join_group(api, agents, GROUP)
         traffic = Traffic(urls).start()
         yield System(root, home, api, agents, urls, fleet, traffic, models)
     finally:

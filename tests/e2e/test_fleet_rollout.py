@@ -12,24 +12,28 @@ middle of a wave and the broker restarted mid-rollout: the rollout carries on an
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from click.testing import CliRunner
 
-from edgefleet.cli import cli
 from exporters.package import create_bundle
 from tests.e2e.broker import Broker, LocalCA, start_broker
+from tests.e2e.system import (
+    Process,
+    Traffic,
+    enroll,
+    fleet_api,
+    join_group,
+    run_cli,
+    start_agent,
+    start_fleet,
+    system_running,
+    wait_until,
+)
 from tests.models import failing_onnx, mlp_onnx
 from tests.mqtt_support import free_port
 
@@ -37,113 +41,6 @@ pytestmark = pytest.mark.slow
 
 DEVICES = ("cam-1", "cam-2", "cam-3")
 GROUP = "store-cameras"
-WAIT = 90.0  # seconds a rollout may take here; each finishes in well under 20
-ROWS = {1: [0.25] * 64, 2: [0.25] * 128}
-EDGEFLEET = [sys.executable, "-c", "from edgefleet.cli import main; main()"]
-
-
-def run_cli(*args: str) -> str:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def wait_until(
-    check: Callable[[], Any],
-    what: str,
-    timeout: float = WAIT,
-    explain: Callable[[], object] = lambda: "",
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n{explain()}")
-
-
-@dataclass
-class Process:
-    """A child process whose output goes to a log file, for the failure message."""
-
-    argv: list[str]
-    env: dict[str, str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Process:
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=out)
-        return self
-
-    def alive(self) -> bool:
-        if self.popen is not None and self.popen.poll() is not None:
-            raise AssertionError(f"{self.argv[3:5]} exited:\n{self.tail()}")
-        return True
-
-    def kill(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-            self.popen.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-@dataclass
-class Traffic:
-    """Requests of one and two rows to every agent, all the time; records who answered."""
-
-    urls: dict[str, str]
-    answers: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> Traffic:
-        for device, url in self.urls.items():
-            self.answers[device] = []
-            thread = threading.Thread(target=self._run, args=(device, url), daemon=True)
-            thread.start()
-            self.threads.append(thread)
-        return self
-
-    def _run(self, device: str, url: str) -> None:
-        with httpx.Client(base_url=url, timeout=5) as client:
-            rows = 1
-            while not self.stop.is_set():
-                rows = 3 - rows
-                body = {"inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32",
-                                    "data": ROWS[rows]}]}  # fmt: skip
-                try:
-                    response = client.post("/v2/models/mlp/infer", json=body)
-                except httpx.HTTPError as e:
-                    self.failures.append(f"{device}: {e}")
-                    time.sleep(0.05)
-                    continue
-                if response.status_code != 200:
-                    self.failures.append(f"{device}: {response.status_code} {response.text}")
-                else:
-                    answer = response.json()
-                    self.answers[device].append((answer["model_name"], answer["model_version"]))
-                time.sleep(0.01)
-
-    def versions(self, device: str) -> set[str]:
-        return {version for name, version in self.answers[device] if name == "mlp"}
-
-    def close(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=10)
 
 
 @dataclass
@@ -195,14 +92,6 @@ class System:
         return f"--- fleet\n{self.fleet.tail()}\n{agents}"
 
 
-def system_running(api: httpx.Client, device: str) -> str | None:
-    """The version of ``mlp`` the fleet says ``device`` runs."""
-    response = api.get(f"/devices/{device}")
-    assert response.status_code == 200, response.text
-    versions = [m["version"] for m in response.json()["models"] if m["name"] == "mlp"]
-    return versions[0] if versions else None
-
-
 def build_bundles(directory: Path) -> dict[str, Path]:
     def bundle(model: Path, version: str, name: str = "mlp", **options: Any) -> Path:
         out = directory / f"{name}-{version}.efb"
@@ -221,27 +110,6 @@ def build_bundles(directory: Path) -> dict[str, Path]:
     }
 
 
-def start_fleet(home: Path, port: int, broker: Broker, log: Path) -> Process:
-    env = {
-        **os.environ,
-        "EDGEFLEET_FLEET_HOME": str(home),
-        "EDGEFLEET_FLEET_TICK_S": "0.2",
-    }
-    argv = [*EDGEFLEET, "fleet", "serve", "--port", str(port),
-            "--broker-url", f"mqtts://127.0.0.1:{broker.port}"]  # fmt: skip
-    process = Process(argv, env, log).start()
-    url = f"http://127.0.0.1:{port}/api/v1/healthz"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(url, timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, f"the fleet service on {port}\n{process.tail()}", timeout=30)
-    return process
-
-
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     root = tmp_path_factory.mktemp("fleet-e2e")
@@ -256,42 +124,24 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     fleet = start_fleet(home, port, broker, root / "fleet.log")
     agents: dict[str, Process] = {}
     urls: dict[str, str] = {}
-    token = (home / "admin.token").read_text().strip()
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}/api/v1",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
+    api = fleet_api(home, port)
     try:
+        env = {
+            "EDGEFLEET_AGENT_PROBATION_S": "2",
+            "EDGEFLEET_AGENT_PROBATION_REQUESTS": "1000",
+            "EDGEFLEET_AGENT_STATE_INTERVAL_S": "2",
+            "EDGEFLEET_AGENT_PROBATION_MAX_LATENCY_RATIO": "5",
+        }
         for device in DEVICES:
-            output = run_cli("fleet", "--home", str(home), "enroll-token", device)
-            enroll_token = next(w for w in output.split() if w.startswith("eft_"))
-            state = root / device
-            fleet_url = f"http://127.0.0.1:{port}"
-            run_cli("agent", "enroll", "--fleet", fleet_url, "--device-id", device,
-                    "--token", enroll_token, "--state-dir", str(state))  # fmt: skip
-            agent_port = free_port()
-            env = {
-                **os.environ,
-                "EDGEFLEET_AGENT_PROBATION_S": "2",
-                "EDGEFLEET_AGENT_PROBATION_REQUESTS": "1000",
-                "EDGEFLEET_AGENT_STATE_INTERVAL_S": "2",
-                "EDGEFLEET_AGENT_PROBATION_MAX_LATENCY_RATIO": "5",
-            }
-            argv = [*EDGEFLEET, "agent", "serve",
-                    "--bundle", str(bundles["1.0.0"]), "--fallback", str(bundles["small"]),
-                    "--state-dir", str(state), "--port", str(agent_port),
-                    "--socket", str(state / "a.sock")]  # fmt: skip
-            agents[device] = Process(argv, env, root / f"{device}.log").start()
-            urls[device] = f"http://127.0.0.1:{agent_port}"
-        for device in DEVICES:
-            wait_until(
-                lambda d=device: agents[d].alive() and system_running(api, d) == "1.0.0",  # type: ignore[misc]
-                f"{device} to report its state",
-                timeout=60,
+            enroll(home, port, device, root / device)
+            agents[device], urls[device] = start_agent(
+                bundles["1.0.0"],
+                root / device,
+                root / f"{device}.log",
+                env=env,
+                fallback=bundles["small"],
             )
-            response = api.patch(f"/devices/{device}/labels", json={"add_groups": [GROUP]})
-            assert response.status_code == 200, response.text
+        join_group(api, agents, GROUP)
         traffic = Traffic(urls).start()
         system = System(home, broker, fleet, agents, traffic, api, bundles)
         yield system

@@ -22,11 +22,12 @@ import pytest
 
 from fleet.store import Store, open_store
 from tests.e2e.broker import Broker, LocalCA, start_broker
-from tests.e2e.test_fleet_rollout import (
-    EDGEFLEET,
+from tests.e2e.system import (
     Process,
     Traffic,
+    enroll,
     run_cli,
+    start_agent,
     start_fleet,
     wait_until,
 )
@@ -83,7 +84,6 @@ def test_every_window_reaches_the_fleet_exactly_once_across_a_broker_outage(
     port = free_port()
     fleet = start_fleet(home, port, broker, tmp_path / "fleet.log")
     state = tmp_path / DEVICE
-    agent_port = free_port()
     agent: Process | None = None
     traffic: Traffic | None = None
 
@@ -94,16 +94,12 @@ def test_every_window_reaches_the_fleet_exactly_once_across_a_broker_outage(
         )
 
     try:
-        output = run_cli("fleet", "--home", str(home), "enroll-token", DEVICE)
-        token = next(w for w in output.split() if w.startswith("eft_"))
-        run_cli("agent", "enroll", "--fleet", f"http://127.0.0.1:{port}", "--device-id", DEVICE,
-                "--token", token, "--state-dir", str(state))  # fmt: skip
-        env = {**os.environ, "EDGEFLEET_AGENT_TELEMETRY_WINDOW_S": str(WINDOW_S)}
-        argv = [*EDGEFLEET, "agent", "serve", "--bundle", str(bundles["mlp-1"]),
-                "--fallback", str(bundles["small"]), "--state-dir", str(state),
-                "--port", str(agent_port), "--socket", str(state / "a.sock")]  # fmt: skip
-        agent = Process(argv, env, tmp_path / "agent.log").start()
-        traffic = Traffic({DEVICE: f"http://127.0.0.1:{agent_port}"})
+        enroll(home, port, DEVICE, state)
+        env = {"EDGEFLEET_AGENT_TELEMETRY_WINDOW_S": str(WINDOW_S)}
+        agent, url = start_agent(
+            bundles["mlp-1"], state, tmp_path / "agent.log", env=env, fallback=bundles["small"]
+        )
+        traffic = Traffic({DEVICE: url})
         serving = agent
         wait_until(
             lambda: serving.alive() and b"agent ready" in serving.log.read_bytes(),
