@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from fleet.api.context import ApiContext
 from fleet.experiments import ExperimentVerdict, experiment_verdict
 from fleet.store import Store
-from fleet.store.experiments import database_file, read_only
+from fleet.store.db import database_file, read_only
 
 __all__ = ["experiment_routes"]
 

@@ -2,20 +2,26 @@
 alerts, a version's drift per feature and output, and the time series the console charts.
 
 Everything is computed from the stored telemetry when asked. A query parameter that does not
-fit is a 422 whose message starts with the parameter's name.
+fit is a 422 whose message starts with the parameter's name. A drift report or a series reads
+a window per device and step: it runs in a worker thread over a read-only connection of its own
+(:func:`fleet.store.db.read_only`), so the service's loop never waits for it.
 """
 
 # No `from __future__ import annotations`: FastAPI reads these routes' annotations at run time,
 # and they name dependencies local to the router factory.
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import AwareDatetime
+from starlette.concurrency import run_in_threadpool
 
 from fleet.api.context import ApiContext
 from fleet.errors import DriftUnavailableError, InvalidQueryError, UnknownModelError
+from fleet.store import Store
+from fleet.store.db import database_file, read_only
 from fleet.store.drift import DriftAlert, DriftAlerts
 from fleet.telemetry.drift import DriftReport, FleetDrift
 from fleet.telemetry.series import Metric, Series, TelemetrySeries
@@ -23,6 +29,7 @@ from protocol.telemetry import FIRST_YEAR, LAST_YEAR
 
 __all__ = ["telemetry_routes"]
 
+T = TypeVar("T")
 _SERIES_SPAN = timedelta(hours=1)  # default range of a series
 _MAX_SPAN = timedelta(days=31)  # the longest range one request may read
 
@@ -40,7 +47,6 @@ def telemetry_routes(ctx: ApiContext) -> APIRouter:
     viewer = Depends(ctx.auth.requires("viewer"))
     alerts = DriftAlerts(ctx.store.db)
     drift = FleetDrift(ctx.store)
-    series = TelemetrySeries(ctx.store)
 
     def span(
         since: AwareDatetime | None, until: AwareDatetime | None, default: timedelta
@@ -65,6 +71,19 @@ def telemetry_routes(ctx: ApiContext) -> APIRouter:
                 "ask for a shorter one",
             )
         return start, end
+
+    async def off_loop(compute: Callable[[Store], T]) -> T:
+        """``compute`` over a read-only snapshot in a worker thread (on the loop for an
+        in-memory store, which has no file to open again)."""
+        path = database_file(ctx.store.db)
+        if path is None:
+            return compute(ctx.store)
+
+        def run() -> T:
+            with read_only(path) as db:
+                return compute(Store(db))
+
+        return await run_in_threadpool(run)
 
     def check_group(group: str | None) -> None:
         if group is not None and group not in ctx.store.devices.labels("group"):
@@ -118,8 +137,10 @@ def telemetry_routes(ctx: ApiContext) -> APIRouter:
                 raise InvalidQueryError("against", f"use 'reference' or a version: {e}") from e
             except DriftUnavailableError as e:
                 raise InvalidQueryError("against", str(e)) from e
-        return drift.report(
-            name, version, since=start, until=end, role=role, group=group, against=against
+        return await off_loop(
+            lambda store: FleetDrift(store).report(
+                name, version, since=start, until=end, role=role, group=group, against=against
+            )
         )
 
     @router.get("/telemetry/series", dependencies=[viewer])
@@ -138,15 +159,17 @@ def telemetry_routes(ctx: ApiContext) -> APIRouter:
         """One metric per time step: requests, error or fallback rate, fleet p95 latency from
         the summed latency histograms, or PSI (the worst feature or output per step)."""
         start, end = span(since, until, _SERIES_SPAN)
-        return series.series(
-            model,
-            metric,
-            since=start,
-            until=end,
-            step_s=step,
-            version=version,
-            group=group,
-            feature=feature,
+        return await off_loop(
+            lambda store: TelemetrySeries(store).series(
+                model,
+                metric,
+                since=start,
+                until=end,
+                step_s=step,
+                version=version,
+                group=group,
+                feature=feature,
+            )
         )
 
     return router

@@ -17,7 +17,16 @@ import sqlite_utils
 from fleet.errors import StoreError
 from fleet.store.schema import MIGRATIONS
 
-__all__ = ["Database", "connect", "now_text", "schema_version", "transaction", "translated"]
+__all__ = [
+    "Database",
+    "connect",
+    "database_file",
+    "now_text",
+    "read_only",
+    "schema_version",
+    "transaction",
+    "translated",
+]
 
 Database = sqlite_utils.Database
 
@@ -129,3 +138,32 @@ def _statements(script: str) -> Iterator[str]:
             pending = ""
     if pending.strip():
         raise ValueError(f"incomplete SQL statement in a migration: {pending.strip()[:80]}")
+
+
+def database_file(db: Database) -> str | None:
+    """The file ``db`` reads, or None for an in-memory database (no file to open again)."""
+    with translated("finding the database file"):
+        for _, name, file, *_ in db.execute("PRAGMA database_list").fetchall():
+            if name == "main":
+                return str(file) or None
+    return None
+
+
+@contextlib.contextmanager
+def read_only(path: str) -> Iterator[Database]:
+    """A read-only connection to the database file at ``path``, in one read transaction.
+
+    Every read through it sees the same snapshot, and in WAL mode it never blocks a writer. The
+    API computes reports that read many rows (experiment verdicts, drift, series) in a worker
+    thread through one, so the event loop never waits for them. Open and use it in one thread:
+    SQLite connections are not shared across threads here.
+    """
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    with translated(f"opening {path} to read"):
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+    try:
+        with translated(f"reading {path}"):
+            conn.execute("BEGIN")  # deferred: the snapshot is taken at the first read
+        yield sqlite_utils.Database(conn)
+    finally:
+        conn.close()  # closing ends the read transaction; nothing was written

@@ -9,27 +9,21 @@ end of that hour would drop out). A window is in exactly one of the two tables, 
 every request once. The latency histograms are added bucket by bucket in SQL (``json_each``),
 so a verdict over weeks of traffic reads a few rows per device, not every window.
 
-A verdict is computed off the event loop (it reads and sums a row per device and version), so
-:func:`read_only` opens a connection of its own, in the thread that uses it, to the file the
-store's connection reads (:func:`database_file`).
+A verdict is computed off the event loop (it reads and sums a row per device and version),
+through :func:`fleet.store.db.read_only`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
-
-import sqlite_utils
 
 from fleet.store.db import Database, now_text, translated
 from protocol.telemetry import LATENCY_BUCKETS_MS
 
-__all__ = ["ExperimentReads", "VersionTotals", "database_file", "read_only", "start_hour"]
+__all__ = ["ExperimentReads", "VersionTotals", "start_hour"]
 
 _BUCKETS = len(LATENCY_BUCKETS_MS) + 1
 _SUMS = (
@@ -37,7 +31,6 @@ _SUMS = (
     "agreements",
 )  # fmt: skip
 _TABLES = (("metrics_windows", "start"), ("metrics_hourly", "hour"))
-_BUSY_TIMEOUT_S = 10.0  # a checkpoint may hold the file briefly
 
 
 @dataclass(frozen=True)
@@ -106,34 +99,6 @@ class ExperimentReads:
 def start_hour(since: datetime) -> datetime:
     """The hour (UTC) that contains ``since``: the first rollup that counts from ``since`` on."""
     return since.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
-
-
-def database_file(db: Database) -> str | None:
-    """The file ``db`` reads, or None for an in-memory database (no file to open again)."""
-    with translated("finding the database file"):
-        for _, name, file, *_ in db.execute("PRAGMA database_list").fetchall():
-            if name == "main":
-                return str(file) or None
-    return None
-
-
-@contextlib.contextmanager
-def read_only(path: str) -> Iterator[Database]:
-    """A read-only connection to the database file at ``path``, in one read transaction.
-
-    Every read through it sees the same snapshot, and in WAL mode it never blocks a writer.
-    Open and use it in one thread (the one computing a verdict): SQLite connections are not
-    shared across threads here.
-    """
-    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
-    with translated(f"opening {path} to read"):
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
-    try:
-        with translated(f"reading {path}"):
-            conn.execute("BEGIN")  # deferred: the snapshot is taken at the first read
-        yield sqlite_utils.Database(conn)
-    finally:
-        conn.close()  # closing ends the read transaction; nothing was written
 
 
 def _add_sums(sums: dict[tuple[str, str, str], list[int]], rows: Iterable[Any]) -> None:

@@ -16,8 +16,7 @@ from fleet.experiments import ExperimentVerdict, MetricComparison, experiment_ve
 from fleet.rollouts.plan import split_arms
 from fleet.rollouts.spec import ExperimentPolicy
 from fleet.store import Store, open_store
-from fleet.store.db import transaction
-from fleet.store.experiments import database_file, read_only
+from fleet.store.db import database_file, read_only, transaction
 from tests.fleet.experiment_support import write_windows
 from tests.fleet.rollout_support import (
     MODEL,

@@ -4,6 +4,7 @@ uvicorn): drift alerts, a version's drift per feature and output, time series fo
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -18,6 +19,8 @@ from fleet.rollouts import RolloutEngine
 from fleet.settings import FleetSettings
 from fleet.store import Store
 from fleet.telemetry.alerts import DriftMonitor
+from fleet.telemetry.drift import FleetDrift
+from fleet.telemetry.series import TelemetrySeries
 from tests.fleet.api_support import Director
 from tests.fleet.rollout_support import START, Clock
 from tests.fleet.test_drift import SHIFTED, STEADY, TILTED, Reporter, publish, store
@@ -154,6 +157,30 @@ async def test_drift_per_feature_and_output_with_the_counts_for_charts(api: Api)
     versus = await api.ok("/models/digits/versions/2.0.0/drift", against="1.0.0")
     assert versus["against"] == "1.0.0"
     assert versus["features"][0]["reference"] == [0.0, 100.0, 100.0, 100.0, 0.0]
+
+
+async def test_reports_are_computed_off_the_event_loop_on_a_snapshot(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api.reporter.counts("cam-a", "2.0.0", START, STEADY)
+    threads: list[int] = []
+    report, series = FleetDrift.report, TelemetrySeries.series
+
+    def drift_in(self: FleetDrift, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        assert self._store is not api.store  # its own read-only connection
+        return report(self, *args, **kwargs)
+
+    def series_in(self: TelemetrySeries, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return series(self, *args, **kwargs)
+
+    monkeypatch.setattr(FleetDrift, "report", drift_in)
+    monkeypatch.setattr(TelemetrySeries, "series", series_in)
+    drift = await api.ok("/models/digits/versions/2.0.0/drift")
+    assert drift["features"][0]["rows"] > 0
+    await api.ok("/telemetry/series", model="digits", version="2.0.0", metric="requests")
+    assert len(threads) == 2 and threading.get_ident() not in threads
 
 
 async def test_drift_refusals_name_the_parameter(api: Api) -> None:
