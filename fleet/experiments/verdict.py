@@ -206,46 +206,31 @@ def experiment_verdict(store: Store, rollout_id: str, now: datetime) -> Experime
     since = waves[0].started_at if waves and waves[0].started_at else row.created_at
     assigned = {a.device_id for a in store.rollouts.assignments(rollout_id)}
     totals = store.experiments.totals(row.model, since)
+
+    def arm(
+        name: Better, role: Literal["primary", "shadow"], devices: set[str], *, new_version: bool
+    ) -> _Arm:
+        """The records of ``role`` on ``devices``, of the rollout's version or of another."""
+        return _Arm.of(
+            name,
+            role,
+            (
+                r
+                for r in totals
+                if r.device_id in devices
+                and r.role == role
+                and (r.version == row.version) == new_version
+            ),
+        )
+
     if experiment.mode == "ab":
         # Once, not per record: a fleet of thousands has a record per device and version.
         kept = set(store.devices.select(row.selector)) - assigned
-        treatment = _Arm.of(
-            "treatment",
-            "primary",
-            (
-                r
-                for r in totals
-                if r.device_id in assigned and r.version == row.version and r.role == "primary"
-            ),
-        )
-        control = _Arm.of(
-            "control",
-            "primary",
-            (
-                r
-                for r in totals
-                if r.device_id in kept and r.version != row.version and r.role == "primary"
-            ),
-        )
+        treatment = arm("treatment", "primary", assigned, new_version=True)
+        control = arm("control", "primary", kept, new_version=False)
     else:
-        treatment = _Arm.of(
-            "treatment",
-            "shadow",
-            (
-                r
-                for r in totals
-                if r.device_id in assigned and r.version == row.version and r.role == "shadow"
-            ),
-        )
-        control = _Arm.of(
-            "control",
-            "primary",
-            (
-                r
-                for r in totals
-                if r.device_id in assigned and r.version != row.version and r.role == "primary"
-            ),
-        )
+        treatment = arm("treatment", "shadow", assigned, new_version=True)
+        control = arm("control", "primary", assigned, new_version=False)
     return _judge(row, experiment, since, now, treatment, control)
 
 
