@@ -86,11 +86,12 @@ class MetricComparison(_Frozen):
     control: float | None
     treatment_samples: int
     control_samples: int
-    statistic: float | None  # z; for latency, z of U (positive: the treatment is slower)
-    p_value: float | None
-    significant: bool
-    better: Better | None  # None when not significant
     detail: str
+    # Not set when an arm had no samples to test.
+    statistic: float | None = None  # z; for latency, z of U (positive: the treatment is slower)
+    p_value: float | None = None
+    significant: bool = False
+    better: Better | None = None  # None when not significant
 
 
 class Agreement(_Frozen):
@@ -354,10 +355,6 @@ def _rate(
             control=rate_c,
             treatment_samples=n_t,
             control_samples=n_c,
-            statistic=None,
-            p_value=None,
-            significant=False,
-            better=None,
             detail=f"not tested: {n_t} samples on the treatment, {n_c} on the control",
         )
     test = two_proportions(hits_t, n_t, hits_c, n_c)
@@ -399,10 +396,6 @@ def _latency(treatment: _Arm, control: _Arm, alpha: float) -> MetricComparison:
             control=median_c,
             treatment_samples=n_t,
             control_samples=n_c,
-            statistic=None,
-            p_value=None,
-            significant=False,
-            better=None,
             detail=f"not tested: {n_t} timed requests on the treatment, {n_c} on the control",
         )
     test = mann_whitney_binned(counts_t, counts_c)
