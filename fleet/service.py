@@ -1,8 +1,9 @@
 """The fleet service, composed: store, director, MQTT link, rollout loop, REST API, trust service.
 
-One ASGI app serves the TUF repository and ``POST /enroll`` at the root and the REST API under
-``/api/v1``; its lifespan starts the broker link (and the embedded broker when asked), runs the
-rollout engine every ``tick_s`` and stops them in reverse order.
+One ASGI app serves the TUF repository and ``POST /enroll`` at the root, the REST API under
+``/api/v1`` and the web console under ``/console/``; its lifespan starts the broker link (and
+the embedded broker when asked), runs the rollout engine every ``tick_s`` and stops them in
+reverse order.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.routing import Mount
 
 from fleet.api import bootstrap_admin_token, create_api
 from fleet.broker import EmbeddedBroker
+from fleet.console import console_routes
 from fleet.director import Director
 from fleet.errors import FleetError
 from fleet.ingest import DeviceMessages
@@ -190,4 +192,5 @@ class FleetService:
                 finally:
                     await self.close()
 
-        return Starlette(routes=[Mount("/api/v1", app=api), *trust.routes], lifespan=lifespan)
+        routes = [Mount("/api/v1", app=api), *console_routes(), *trust.routes]
+        return Starlette(routes=routes, lifespan=lifespan)

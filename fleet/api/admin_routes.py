@@ -1,4 +1,5 @@
-"""``/audit`` (who changed what) and ``/tokens`` (who may call the API, admins only)."""
+"""``/me`` (who is calling), ``/audit`` (who changed what) and ``/tokens`` (who may call the
+API, admins only)."""
 
 # No `from __future__ import annotations`: FastAPI reads these routes' annotations at run time,
 # and they name dependencies local to the router factory.
@@ -15,11 +16,16 @@ __all__ = ["admin_routes"]
 
 
 def admin_routes(ctx: ApiContext) -> APIRouter:
-    """The routes under ``/audit`` and ``/tokens``."""
+    """The routes ``/me``, and under ``/audit`` and ``/tokens``."""
     router = APIRouter()
     viewer = Depends(ctx.auth.requires("viewer"))
     admin = Depends(ctx.auth.requires("admin"))
     store = ctx.store
+
+    @router.get("/me", tags=["tokens"])
+    async def who_am_i(caller: Annotated[TokenInfo, viewer]) -> TokenInfo:
+        """The calling token: its name and role (what the console signs in with)."""
+        return caller
 
     @router.get("/audit", tags=["audit"], dependencies=[viewer])
     async def audit_log(

@@ -1,0 +1,176 @@
+// The console's shell: sign-in with an API token, the hash router, and live updates by polling.
+// A page is a function that builds its skeleton into `view.main` and registers what refreshes
+// with `view.every(ms, fn)`; the router stops those timers when the page changes.
+
+import { api, ApiError, session } from "./api.js";
+import { h, field, errorBox } from "./ui.js";
+import * as overview from "./pages/overview.js";
+import * as devices from "./pages/devices.js";
+import * as models from "./pages/models.js";
+import * as rollouts from "./pages/rollouts.js";
+import * as rollout from "./pages/rollout.js";
+import * as audit from "./pages/audit.js";
+import * as tokens from "./pages/tokens.js";
+
+const ROUTES = [
+  [/^\/$/, overview.render, "Overview"],
+  [/^\/devices$/, devices.list, "Devices"],
+  [/^\/devices\/([^/]+)$/, devices.detail, "Device"],
+  [/^\/models$/, models.list, "Models"],
+  [/^\/models\/([^/]+)\/([^/]+)$/, models.version, "Model version"],
+  [/^\/rollouts$/, rollouts.list, "Rollouts"],
+  [/^\/rollouts\/new$/, rollouts.create, "New rollout"],
+  [/^\/rollouts\/([^/]+)$/, rollout.detail, "Rollout"],
+  [/^\/audit$/, audit.render, "Audit log"],
+  [/^\/tokens$/, tokens.render, "Tokens"],
+];
+
+const main = document.getElementById("main");
+const live = document.getElementById("live");
+let timers = [];
+let generation = 0;
+
+function stopTimers() {
+  for (const timer of timers) clearInterval(timer);
+  timers = [];
+}
+
+function where() {
+  const [path, search = ""] = location.hash.replace(/^#/, "").split("?");
+  return { path: path || "/", query: new URLSearchParams(search) };
+}
+
+function signedOut(message) {
+  session.forget();
+  stopTimers();
+  showSession();
+  renderLogin(message);
+}
+
+// Run `refresh` now and every `ms` while this page is shown and the tab is visible.
+function every(page, ms, refresh) {
+  const run = async () => {
+    if (page !== generation || document.hidden) return;
+    try {
+      await refresh();
+      if (page === generation) {
+        live.textContent = `Live · updated ${new Date().toLocaleTimeString()}`;
+        live.className = "live ok";
+      }
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 401) return signedOut(error.message);
+      live.textContent = `Not updating: ${error.message}`;
+      live.className = "live stale";
+    }
+  };
+  timers.push(setInterval(run, ms));
+  return run();
+}
+
+async function route() {
+  stopTimers();
+  generation += 1;
+  const page = generation;
+  if (!session.token) return renderLogin();
+  if (session.me === null) {
+    try {
+      session.me = await api("/me");
+    } catch (error) {
+      return signedOut(error instanceof ApiError && error.status === 401 ? error.message : undefined);
+    }
+    showSession();
+  }
+  const { path, query } = where();
+  const match = ROUTES.map(([pattern, render, title]) => [path.match(pattern), render, title]).find(([m]) => m);
+  markNav(path);
+  if (!match) {
+    document.title = "Not found · edgefleet";
+    main.replaceChildren(h("h1", { tabindex: "-1" }, "Not found"), h("p", {}, "No page at ", h("code", {}, path), ". ", h("a", { href: "#/" }, "Go to the overview.")));
+    return;
+  }
+  const [groups, render, title] = match;
+  document.title = `${title} · edgefleet`;
+  main.replaceChildren();
+  const view = {
+    main,
+    query,
+    params: groups.slice(1).map(decodeURIComponent),
+    every: (ms, refresh) => every(page, ms, refresh),
+    go: (hash) => {
+      location.hash = hash;
+    },
+    current: () => page === generation,
+  };
+  try {
+    await render(view);
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) return signedOut(error.message);
+    main.append(errorBox(error));
+  }
+  if (page === generation) main.querySelector("h1")?.focus({ preventScroll: true });
+}
+
+function markNav(path) {
+  for (const a of document.querySelectorAll("#nav a")) {
+    const target = a.getAttribute("href").slice(1);
+    const current = target === "/" ? path === "/" : path.startsWith(target);
+    if (current) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+}
+
+function showSession() {
+  const box = document.getElementById("session");
+  const nav = document.getElementById("nav");
+  nav.hidden = session.me === null;
+  for (const item of nav.querySelectorAll("[data-role]")) item.hidden = !session.can(item.dataset.role);
+  if (session.me === null) {
+    box.replaceChildren();
+    return;
+  }
+  box.replaceChildren(
+    h("span", { class: "who" }, session.me.name, " ", h("span", { class: `role ${session.me.role}` }, session.me.role)),
+    h("button", { type: "button", class: "secondary", onclick: () => signedOut() }, "Sign out"),
+  );
+}
+
+function renderLogin(message) {
+  document.title = "Sign in · edgefleet";
+  live.textContent = "";
+  const input = h("input", { type: "password", name: "token", autocomplete: "off", required: true, spellcheck: "false" });
+  const problem = h("div", {});
+  const form = h(
+    "form",
+    {
+      class: "login panel",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        const token = input.value.trim();
+        try {
+          const me = await api("/me", { token });
+          session.remember(token, me);
+          showSession();
+          route();
+        } catch (error) {
+          problem.replaceChildren(errorBox(error));
+          input.focus();
+        }
+      },
+    },
+    h("h1", { tabindex: "-1" }, "Sign in to the fleet console"),
+    message ? h("p", { class: "error", role: "alert" }, message) : null,
+    field(
+      "API token",
+      input,
+      "An efa_… token. The first admin token is in <home>/admin.token; an admin makes more under Tokens or with `edgefleet fleet tokens create NAME --role operator`.",
+    ),
+    problem,
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Sign in")),
+  );
+  main.replaceChildren(form);
+  input.focus();
+}
+
+addEventListener("hashchange", route);
+showSession();
+route();
