@@ -67,7 +67,9 @@ function every(page, ms, refresh) {
   return run();
 }
 
-async function route() {
+// `moved`: the reader went to another page, so focus goes to its heading (not on first load,
+// where the keyboard starts at the top of the page, at "Skip to content").
+async function route(moved = true) {
   stopTimers();
   generation += 1;
   const page = generation;
@@ -90,9 +92,12 @@ async function route() {
   }
   const [groups, render, title] = match;
   document.title = `${title} · edgefleet`;
-  main.replaceChildren();
+  // Each page renders into its own container: a page still loading when the reader moves on
+  // fills a container that is no longer shown.
+  const container = h("div", { class: "page" });
+  main.replaceChildren(container);
   const view = {
-    main,
+    main: container,
     query,
     params: groups.slice(1).map(decodeURIComponent),
     every: (ms, refresh) => every(page, ms, refresh),
@@ -105,9 +110,9 @@ async function route() {
     await render(view);
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) return signedOut(error.message);
-    main.append(errorBox(error));
+    container.append(errorBox(error));
   }
-  if (page === generation) main.querySelector("h1")?.focus({ preventScroll: true });
+  if (moved && page === generation) container.querySelector("h1")?.focus({ preventScroll: true });
 }
 
 function markNav(path) {
@@ -171,6 +176,6 @@ function renderLogin(message) {
   input.focus();
 }
 
-addEventListener("hashchange", route);
+addEventListener("hashchange", () => route());
 showSession();
-route();
+route(false);

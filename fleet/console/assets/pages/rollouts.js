@@ -97,8 +97,13 @@ export async function create(view) {
   const wanted = { model: view.query.get("model") ?? models[0].name, version: view.query.get("version") };
   const modelBox = select("model", models.map((m) => [m.name, m.name]), wanted.model);
   const versionBox = h("select", { name: "version" });
+  let listed = null; // the model whose versions the version box lists
   const fillVersions = async () => {
-    const detail = await api(`/models/${encodeURIComponent(modelBox.value)}`);
+    const model = modelBox.value;
+    if (model === listed) return; // the same model again: keep what the reader picked
+    const detail = await api(`/models/${encodeURIComponent(model)}`);
+    if (model !== modelBox.value) return; // the reader picked another model meanwhile
+    listed = model;
     const versions = [...detail.versions].reverse();
     versionBox.replaceChildren(...versions.map((v) => h("option", { value: v.version, selected: v.version === wanted.version }, v.version)));
   };
