@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,fleet,openvino,litert,export,export-torch
 
-.PHONY: run test check lint format bench bench-fleet bench-telemetry clean lock
+.PHONY: run test check lint format bench bench-fleet bench-telemetry bench-footprint docs clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ bench-fleet: $(STAMP)
 ## bench-telemetry: telemetry ingest at rising rates, in the service and with 2 workers (see benchmarks/telemetry/README.md)
 bench-telemetry: $(STAMP)
 	$(BIN)/python benchmarks/telemetry/ingest.py
+
+## bench-footprint: the agent's install size per runtime and its memory idle and under load (see benchmarks/footprint/README.md)
+bench-footprint: $(STAMP)
+	$(BIN)/python benchmarks/footprint/run.py
+
+## docs: regenerate docs/configuration.md from the settings models (a test checks it is current)
+docs: $(STAMP)
+	$(BIN)/python -m edgefleet.config_reference docs/configuration.md
 
 ## lock: re-pin constraints.txt from a fresh resolve of every extra
 lock:

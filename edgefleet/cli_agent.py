@@ -23,6 +23,7 @@ from agent.managed import (
 from agent.selftest import make_inputs
 from agent.service import Agent
 from agent.settings import AgentSettings, default_state_dir
+from agent.systemd_notify import SystemdNotifier
 from edgefleet.cli_errors import reported
 from edgefleet.logs import configure_logging
 from protocol.manifest import TensorSpec
@@ -159,6 +160,7 @@ async def _serve(settings: AgentSettings, listeners: Listeners, *, managed: bool
     ``offline`` and disconnects before they drain."""
     agent = Agent(settings)
     devices: list[ManagedDevice] = []
+    systemd = SystemdNotifier.from_environment()  # None unless run by a Type=notify unit
 
     def ready(listeners: Listeners) -> None:
         _announce(listeners)
@@ -166,8 +168,12 @@ async def _serve(settings: AgentSettings, listeners: Listeners, *, managed: bool
             device = start_managed(agent, settings)
             devices.append(device)
             click.echo(f"  fleet:  {device.device_id} via {device.link.client.address}", err=True)
+        if systemd is not None:
+            systemd.ready(f"serving {len(agent.models)} model(s) on {listeners.url}")
 
     async def stopping() -> None:
+        if systemd is not None:
+            systemd.stopping()
         for device in devices:
             await device.close()
 

@@ -11,6 +11,8 @@ from typing import Any
 import click
 
 from edgefleet.cli_errors import reported
+from edgefleet.cli_fleet_backup import COMMANDS as BACKUP_COMMANDS
+from edgefleet.cli_fleet_certs import renew_certs
 from edgefleet.cli_fleet_common import (
     bind_socket,
     fleet_settings,
@@ -60,10 +62,11 @@ def fleet(ctx: click.Context, home: Path | None) -> None:
 # `fleet keys ...` are defined in edgefleet.cli_fleet_keys, `fleet serve` in cli_fleet_serve,
 # `fleet ingest` in cli_fleet_ingest.
 fleet.add_command(keys)
+keys.add_command(renew_certs)  # in cli_fleet_certs
 fleet.add_command(serve)
 fleet.add_command(ingest)
 # `fleet devices|label|rollout|tokens` talk to the running service: cli_fleet_ops.
-for _command in OPERATOR_COMMANDS:
+for _command in (*OPERATOR_COMMANDS, *BACKUP_COMMANDS):  # backup|restore: cli_fleet_backup
     fleet.add_command(_command)
 
 
