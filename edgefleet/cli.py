@@ -22,7 +22,11 @@ class _LazyGroup(click.Group):
             "Serve models on this device (OIP v2 over HTTP and a socket).",
         ),
         "bundle": ("edgefleet.cli_bundle", "bundle", "Create, inspect and verify model bundles."),
-        "demo": ("edgefleet.demo", "demo", "Build the demo bundles and serve them."),
+        "demo": (
+            "edgefleet.demo",
+            "demo",
+            "The whole system on this machine: a fleet, three agents, traffic.",
+        ),
         "export": ("edgefleet.cli_export", "export", "Export a trained model as a checked bundle."),
         "fleet": (
             "edgefleet.cli_fleet",
@@ -56,7 +60,8 @@ def cli() -> None:
 
     \b
     Start here:
-      edgefleet demo                          build a demo model and serve it
+      edgefleet demo                          a fleet and three agents on this machine
+      edgefleet demo --scripted               watch a good and a bad rollout, then stop
       edgefleet bundle create --help          package a model as a bundle
       edgefleet agent serve --bundle X.efb    serve bundles on this device
 

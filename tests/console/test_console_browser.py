@@ -171,7 +171,7 @@ def test_an_operator_runs_a_staged_rollout_approves_aborts_and_the_devices_go_ba
             else:
                 # Shown rounded: rates to 0.01 percentage points, others to 3 significant digits.
                 assert shown_number(text, gate["name"]) == pytest.approx(value, rel=5e-3, abs=5e-5)
-        assert row[4] == {True: "passed", False: "failed", None: "no data"}[gate["passed"]]
+        assert row[4] == {True: "passed", False: "failed", None: "insufficient"}[gate["passed"]]
         assert int(row[5].replace(",", "")) == gate["samples"]
 
     approve.click()
@@ -207,6 +207,9 @@ def test_an_operator_runs_a_staged_rollout_approves_aborts_and_the_devices_go_ba
         f"{members} to run {before} again",
     )
     expect(page.locator(".badge").filter(has_text="aborted").first).to_be_visible()
+    # The progress bar shows the rolled-back devices (drawn through the CSSOM under the CSP).
+    bar = page.locator(".progress span.bad").first.bounding_box()
+    assert bar is not None and bar["width"] > 10
     timeline = page.locator("#timeline")
     expect(timeline).to_contain_text(f"approved by {operator}: canary looks fine")
     expect(timeline).to_contain_text(f"aborted by {operator}: stop: checking the store cameras")
@@ -280,6 +283,11 @@ def test_keyboard_alone_reaches_the_content_and_the_pages(
     skip = page.get_by_role("link", name="Skip to content")
     expect(skip).to_be_focused()
     expect(skip).to_be_visible()  # shown when focused
+    page.keyboard.press("Enter")
+    expect(page.locator("#main")).to_be_focused()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Fleet overview")
+    page.reload()
+    expect(page.locator("#cards .card").first).to_be_visible()
     for _ in range(10):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.textContent") == "Devices":

@@ -3,7 +3,7 @@
 // with `view.every(ms, fn)`; the router stops those timers when the page changes.
 
 import { api, ApiError, session } from "./api.js";
-import { h, field, errorBox } from "./ui.js";
+import { ago, h, field, errorBox } from "./ui.js";
 import * as overview from "./pages/overview.js";
 import * as devices from "./pages/devices.js";
 import * as models from "./pages/models.js";
@@ -27,6 +27,7 @@ const ROUTES = [
 
 const main = document.getElementById("main");
 const live = document.getElementById("live");
+const announce = document.getElementById("announce");
 let timers = [];
 let generation = 0;
 
@@ -47,29 +48,42 @@ function signedOut(message) {
   renderLogin(message);
 }
 
-// Run `refresh` now and every `ms` while this page is shown and the tab is visible.
+// Run `refresh` now and every `ms` while this page is shown and the tab is visible; one run at
+// a time, so a slow answer never lands after a newer one.
 function every(page, ms, refresh) {
+  let busy = false;
   const run = async () => {
-    if (page !== generation || document.hidden) return;
+    if (page !== generation || document.hidden || busy) return;
+    busy = true;
     try {
       await refresh();
-      if (page === generation) {
-        live.textContent = `Live · updated ${new Date().toLocaleTimeString()}`;
-        live.className = "live ok";
-      }
+      if (page === generation) showLive(`Live · updated ${new Date().toLocaleTimeString()}`, "ok");
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) return signedOut(error.message);
-      live.textContent = `Not updating: ${error.message}`;
-      live.className = "live stale";
+      if (page === generation) showLive(`Not updating: ${error.message}`, "stale");
+    } finally {
+      busy = false;
     }
   };
   timers.push(setInterval(run, ms));
   return run();
 }
 
+// The line under the header; screen readers hear it only when it turns stale or live again.
+let liveState = "";
+function showLive(text, state) {
+  live.textContent = text;
+  live.className = `live ${state}`;
+  if (state !== liveState) {
+    liveState = state;
+    announce.textContent = state === "stale" ? text : liveState && "Live again";
+  }
+}
+
 // `moved`: the reader went to another page, so focus goes to its heading (not on first load,
 // where the keyboard starts at the top of the page, at "Skip to content").
 async function route(moved = true) {
+  if (location.hash && !location.hash.startsWith("#/")) return; // an in-page anchor, not a page
   stopTimers();
   generation += 1;
   const page = generation;
@@ -80,6 +94,7 @@ async function route(moved = true) {
     } catch (error) {
       return signedOut(error instanceof ApiError && error.status === 401 ? error.message : undefined);
     }
+    if (page !== generation) return;
     showSession();
   }
   const { path, query } = where();
@@ -99,7 +114,7 @@ async function route(moved = true) {
   const view = {
     main: container,
     query,
-    params: groups.slice(1).map(decodeURIComponent),
+    params: groups.slice(1).map(decoded),
     every: (ms, refresh) => every(page, ms, refresh),
     go: (hash) => {
       location.hash = hash;
@@ -112,7 +127,17 @@ async function route(moved = true) {
     if (error instanceof ApiError && error.status === 401) return signedOut(error.message);
     container.append(errorBox(error));
   }
-  if (moved && page === generation) container.querySelector("h1")?.focus({ preventScroll: true });
+  if (page !== generation) return;
+  if (moved) container.querySelector("h1")?.focus({ preventScroll: true });
+  else if (keep) container.querySelector(`[name="${keep}"]`)?.focus();
+}
+
+function decoded(part) {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    return part;
+  }
 }
 
 function markNav(path) {
@@ -176,6 +201,22 @@ function renderLogin(message) {
   input.focus();
 }
 
-addEventListener("hashchange", () => route());
+// A new page moves the focus to its heading; new filters on the same page keep it on the filter.
+let shownPath = where().path;
+let keep = null;
+addEventListener("hashchange", () => {
+  const { path } = where();
+  keep = path === shownPath ? document.activeElement?.name || null : null;
+  shownPath = path;
+  route(keep === null);
+});
+document.querySelector(".skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  main.focus();
+});
+// Relative times ("2 min ago") stay true while their region is not redrawn.
+setInterval(() => {
+  for (const time of document.querySelectorAll("time.ago")) time.textContent = ago(time.dateTime);
+}, 15000);
 showSession();
 route(false);

@@ -170,7 +170,7 @@ export function gateMeter(value, threshold, passed) {
   const x = (v) => (v / max) * width;
   return s(
     "svg",
-    { width, height: 14, viewBox: `0 0 ${width} 14`, class: `meter ${passed === false ? "over" : "under"}`, "aria-hidden": "true" },
+    { width, height: 14, viewBox: `0 0 ${width} 14`, class: `meter ${passed === false ? "over" : passed ? "under" : "unjudged"}`, "aria-hidden": "true" },
     s("rect", { x: 0, y: 3, width, height: 8, class: "track" }),
     s("rect", { x: 0, y: 3, width: value === null ? 0 : Math.max(x(value), 1), height: 8, class: "value" }),
     s("line", { x1: x(threshold), x2: x(threshold), y1: 0, y2: 14, class: "limit" }),

@@ -56,7 +56,7 @@ export function ago(iso, now = Date.now()) {
 // A time element: the relative time shown, the exact one in its title and datetime.
 export function when(iso) {
   if (!iso) return h("span", { class: "muted" }, "never");
-  return h("time", { datetime: iso, title: dateTime(iso) }, ago(iso));
+  return h("time", { class: "ago", datetime: iso, title: dateTime(iso) }, ago(iso));
 }
 
 export function percent(x, digits = 1) {
@@ -111,7 +111,8 @@ export function link(href, text) {
 // A table with a caption; columns: [{label, cell: row => node|string, numeric?}].
 export function table({ caption, columns, rows, empty = "Nothing here yet.", id }) {
   if (!rows.length) return h("p", { class: "empty", id }, empty);
-  const head = h("tr", {}, columns.map((c) => h("th", { scope: "col", class: c.numeric ? "num" : null }, c.label)));
+  // A column without a visible heading still has one for screen readers (c.hidden).
+  const head = h("tr", {}, columns.map((c) => h("th", { scope: "col", class: c.numeric ? "num" : null }, c.label || h("span", { class: "sr-only" }, c.hidden))));
   const body = rows.map((row) =>
     h("tr", {}, columns.map((c) => h("td", { class: c.numeric ? "num" : null }, c.cell(row)))),
   );

@@ -56,9 +56,9 @@ export async function render(view) {
   );
   view.main.append(h("h1", { tabindex: "-1" }, "Audit log"), form, region, older);
   const refresh = async () => {
-    const entries = await api(`/audit${query({ ...filters, limit: PAGE * pages })}`);
+    const entries = await api(`/audit${query({ ...filters, limit: Math.min(PAGE * pages, 1000) })}`);
     patch(region, entries, () => auditTable(entries, "Every change, newest first"));
-    patch(older, [entries.length >= PAGE * pages], ([more]) =>
+    patch(older, [entries.length >= PAGE * pages && PAGE * pages < 1000], ([more]) =>
       more
         ? h("button", { type: "button", class: "secondary", onclick: () => { pages += 1; refresh(); } }, "Older entries")
         : h("span", {}),

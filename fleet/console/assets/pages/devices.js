@@ -168,7 +168,7 @@ export async function detail(view) {
             rows: d.models,
             empty: "It has not reported a model yet.",
             columns: [
-              { label: "Model", cell: (m) => (m.version ? link(`#/models/${m.name}/${m.version}`, `${m.name} ${m.version}`) : m.name) },
+              { label: "Model", cell: (m) => (m.version ? link(`#/models/${encodeURIComponent(m.name)}/${encodeURIComponent(m.version)}`, `${m.name} ${m.version}`) : m.name) },
               { label: "Runs on", cell: (m) => m.device ?? "—" },
               { label: "Runtime", cell: (m) => m.runtime ?? "—" },
               { label: "Fallback", cell: (m) => m.fallback ?? "—" },

@@ -1,7 +1,7 @@
 // Models and their versions: every published version, and one version in full — its manifest,
 // the parity report of its export, its drift profile and its live drift across the fleet.
 
-import { api, query } from "../api.js";
+import { api, query, session } from "../api.js";
 import { barChart } from "../charts.js";
 import { badge, bytes, dateTime, facts, field, h, link, number, patch, percent, section, select, short, table, when } from "../ui.js";
 import { telemetryCharts } from "./telemetry.js";
@@ -82,7 +82,7 @@ function liveDrift(name, version, detail, versions, groups) {
     );
     const all = [...report.outputs, ...report.features];
     const worst = [...all].sort((a, b) => (b.psi ?? -1) - (a.psi ?? -1)).slice(0, 12);
-    patch(region, report.features.map((f) => [f.name, f.psi]).concat(report.outputs.map((f) => [f.name, f.psi]), [report.rows, report.devices]), () =>
+    patch(region, [report.scope, report.against, report.rows, report.devices, all.map((f) => [f.name, f.psi])], () =>
       h(
         "div",
         {},
@@ -126,7 +126,7 @@ export async function version(view) {
   const m = v.manifest;
   view.main.append(
     h("p", { class: "crumbs" }, link("#/models", "Models"), " / ", name, " / ", ver),
-    h("div", { class: "page-head" }, h("h1", { tabindex: "-1" }, `${name} ${ver}`), link(`#/rollouts/new${query({ model: name, version: ver })}`, "Roll this version out…")),
+    h("div", { class: "page-head" }, h("h1", { tabindex: "-1" }, `${name} ${ver}`), session.can("operator") ? link(`#/rollouts/new${query({ model: name, version: ver })}`, "Roll this version out…") : null),
     h(
       "div",
       { class: "columns" },

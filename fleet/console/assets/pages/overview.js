@@ -55,7 +55,7 @@ export async function render(view) {
         rows: open,
         columns: [
           { label: "Level", cell: (a) => badge(a.level) },
-          { label: "Version", cell: (a) => link(`#/models/${a.model}/${a.version}`, `${a.model} ${a.version}`) },
+          { label: "Version", cell: (a) => link(`#/models/${encodeURIComponent(a.model)}/${encodeURIComponent(a.version)}`, `${a.model} ${a.version}`) },
           { label: "Scope", cell: (a) => a.scope },
           { label: "Feature", cell: (a) => h("code", {}, a.feature) },
           { label: "PSI", numeric: true, cell: (a) => `${number(a.psi, 3)} ≥ ${number(a.threshold)}` },

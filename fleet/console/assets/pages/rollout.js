@@ -8,7 +8,9 @@ import { badge, confirmAction, dateTime, facts, h, link, number, patch, percent,
 import { rolloutProgress } from "./rollouts.js";
 
 const ACTIVE = ["created", "running", "awaiting_approval", "paused"];
-const RATES = ["error_rate", "fallback_rate", "outcome_success_rate", "failed_installs"];
+const RATES = ["error_rate", "fallback_rate", "failed_installs"];
+// A gate's result: passed, failed, or not judged for want of samples.
+const RESULT = (g) => (g.passed === null ? "insufficient" : g.passed ? "passed" : "failed");
 
 // Which commands fit which states; the API refuses the others with rollout_conflict.
 const COMMANDS = [
@@ -16,7 +18,14 @@ const COMMANDS = [
     name: "approve",
     label: "Approve next wave",
     when: (r) => r.state === "awaiting_approval",
-    ask: (r) => ({ title: "Approve the next wave?", message: `Rollout ${r.id} goes on to wave ${r.wave + 2} of ${r.waves.length}.`, confirm: "Approve" }),
+    ask: (r) => ({
+      title: "Approve the next wave?",
+      message: [
+        r.wave + 1 >= r.waves.length ? `Approving completes rollout ${r.id}.` : `Rollout ${r.id} goes on to wave ${r.wave + 2} of ${r.waves.length}.`,
+        r.reason ? ` It waits because: ${r.reason}` : "",
+      ].join(""),
+      confirm: "Approve",
+    }),
   },
   {
     name: "pause",
@@ -28,14 +37,21 @@ const COMMANDS = [
     name: "resume",
     label: "Resume",
     when: (r) => r.state === "paused",
-    ask: (r) => ({ title: "Resume this rollout?", message: `Rollout ${r.id} goes on from where it stood.`, confirm: "Resume" }),
+    ask: (r) => ({
+      title: "Resume this rollout?",
+      message:
+        r.waves[r.wave]?.state === "failed"
+          ? `Wave ${r.wave + 1} failed its gates (${r.reason ?? "see the gates"}); resuming accepts it and starts the next wave, or completes the rollout after the last one.`
+          : `Rollout ${r.id} goes on from where it stood.`,
+      confirm: "Resume",
+    }),
   },
   {
     name: "abort",
     label: "Abort and roll back",
     danger: true,
     when: (r) => ACTIVE.includes(r.state),
-    ask: (r) => ({ title: "Abort this rollout?", message: `Every device rollout ${r.id} touched goes back to the version it ran before.`, confirm: "Abort and roll back", danger: true }),
+    ask: (r) => ({ title: "Abort this rollout?", message: `Every device rollout ${r.id} touched goes back to the version it ran before, where that version is published.`, confirm: "Abort and roll back", danger: true }),
   },
 ];
 
@@ -53,8 +69,8 @@ function gates(wave) {
       { label: "Gate", cell: (g) => g.name.replaceAll("_", " ") },
       { label: "Value", numeric: true, cell: (g) => gateValue(g, g.value) },
       { label: "Threshold", numeric: true, cell: (g) => gateValue(g, g.threshold) },
-      { label: "", cell: (g) => (g.value === null ? "" : gateMeter(g.value, g.threshold, g.passed)) },
-      { label: "Result", cell: (g) => badge(g.passed === null ? "unknown" : g.passed ? "passed" : "failed", g.passed === null ? "no data" : g.passed ? "passed" : "failed") },
+      { label: "", hidden: "value against threshold", cell: (g) => (g.value === null ? "" : gateMeter(g.value, g.threshold, g.passed)) },
+      { label: "Result", cell: (g) => badge(RESULT(g)) },
       { label: "Samples", numeric: true, cell: (g) => number(g.samples) },
       { label: "Detail", cell: (g) => h("span", { class: "muted" }, g.detail) },
     ],
@@ -202,7 +218,7 @@ export async function detail(view) {
         "div",
         { class: "panel" },
         facts([
-          ["Version", link(`#/models/${r.model}/${r.version}`, `${r.model} ${r.version}`)],
+          ["Version", link(`#/models/${encodeURIComponent(r.model)}/${encodeURIComponent(r.version)}`, `${r.model} ${r.version}`)],
           ["State", [badge(r.state), r.phase ? h("span", { class: "muted" }, ` · ${r.phase.replaceAll("_", " ")}`) : null]],
           ["Progress", rolloutProgress(r)],
           ["Reason", r.reason ?? "—"],

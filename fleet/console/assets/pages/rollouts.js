@@ -23,7 +23,12 @@ export function rolloutProgress(r) {
     h(
       "div",
       { class: "progress", role: "img", "aria-label": label, title: label },
-      Object.entries(parts).map(([t, n]) => (n ? h("span", { class: t, style: `width:${(100 * n) / total}%` }) : null)),
+      Object.entries(parts).map(([t, n]) => {
+        if (!n) return null;
+        const bar = h("span", { class: t });
+        bar.style.width = `${(100 * n) / total}%`; // the CSSOM: the CSP refuses style attributes
+        return bar;
+      }),
     ),
     h("small", { class: "muted" }, `${parts.good}/${total} updated · ${wave}`),
   );
@@ -138,10 +143,10 @@ export async function create(view) {
         "div",
         { class: "form-grid" },
         field("Requests before rate gates judge", numberInput("min_requests", 100, { min: 0, step: 1 })),
-        field("Max failed share", numberInput("max_failed_share", 0.1, { min: 0, max: 1 }), "failed, refused, rolled back or silent devices / wave"),
-        field("Max error rate increase", numberInput("max_error_rate_increase", 0.01, { min: 0, max: 1 }), "blank turns the gate off"),
-        field("Max p95 latency ratio", numberInput("max_latency_ratio", 1.5, { min: 0 }), "blank turns the gate off"),
-        field("Max fallback rate increase", numberInput("max_fallback_rate_increase", 0.01, { min: 0, max: 1 }), "blank turns the gate off"),
+        field("Max failed share", numberInput("max_failed_share", 0.1, { min: 0, max: 1 }), "a fraction: 0.1 = 10% of the wave's devices failed, refused, rolled back or silent"),
+        field("Max error rate increase", numberInput("max_error_rate_increase", 0.01, { min: 0, max: 1 }), "a fraction: 0.01 = 1 percentage point over the previous version; blank turns the gate off"),
+        field("Max p95 latency ratio", numberInput("max_latency_ratio", 1.5, { min: 0 }), "new p95 / previous p95; blank turns the gate off"),
+        field("Max fallback rate increase", numberInput("max_fallback_rate_increase", 0.01, { min: 0, max: 1 }), "a fraction: 0.01 = 1 percentage point; blank turns the gate off"),
         field("Max prediction PSI", numberInput("max_prediction_psi", 0.25, { min: 0 }), "blank turns the gate off"),
         field("Max feature PSI", numberInput("max_feature_psi", 0.25, { min: 0 }), "blank turns the gate off"),
       ),

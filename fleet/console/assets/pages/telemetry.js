@@ -50,6 +50,7 @@ export function telemetryCharts(view, { models, groups, model: initial }) {
     const box = select(name, options, state[name]);
     box.addEventListener("change", () => {
       state[name] = box.value;
+      if (name === "model") state.version = ""; // versions are per model
       drawControls();
       redraw();
     });
@@ -110,7 +111,7 @@ export function telemetryCharts(view, { models, groups, model: initial }) {
               return { name: line.name, points: answer.points };
             } catch (error) {
               // A refused series (e.g. a version without data there) says so in the legend.
-              return { name: `${line.name} (${error.reason === "invalid_request" || error.status === 409 ? "no data" : error.message})`, points: [] };
+              return { name: `${line.name} (${error.reason === "invalid_query" || error.status === 409 ? "no data" : error.message})`, points: [] };
             }
           }),
         );

@@ -4,6 +4,16 @@
 import { api, session } from "../api.js";
 import { badge, confirmAction, field, h, patch, say, section, select, table, when } from "../ui.js";
 
+// The clipboard exists only on https or localhost; elsewhere the secret is selected to copy.
+function copy(shown, secret) {
+  const select = () => {
+    getSelection().selectAllChildren(shown);
+    say("Selected: press Ctrl+C (⌘C) to copy.");
+  };
+  if (!navigator.clipboard) return select();
+  navigator.clipboard.writeText(secret).then(() => say("Copied."), select);
+}
+
 export async function render(view) {
   view.main.append(h("h1", { tabindex: "-1" }, "API tokens"));
   if (!session.can("admin")) {
@@ -32,6 +42,7 @@ export async function render(view) {
           { label: "Last used", cell: (t) => when(t.last_used_at) },
           {
             label: "",
+            hidden: "revoke",
             cell: (t) =>
               t.revoked_at
                 ? badge("revoked", `revoked ${new Date(t.revoked_at).toLocaleDateString()}`)
@@ -89,7 +100,7 @@ export async function render(view) {
                 "div",
                 { class: "secret" },
                 secret,
-                h("button", { type: "button", class: "secondary", onclick: () => navigator.clipboard?.writeText(made.secret).then(() => say("Copied.")) }, "Copy"),
+                h("button", { type: "button", class: "secondary", onclick: () => copy(secret, made.secret) }, "Copy"),
               ),
             ),
           );
