@@ -96,7 +96,9 @@ def _wait_for_stack(path: Path, process: subprocess.Popen[bytes], log: Path) -> 
     raise AssertionError(f"edgefleet demo did not come up:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in this thread
+# until it stops, and the async tests that run after the console's need none to be running.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         chromium = launch(playwright)
