@@ -1,5 +1,5 @@
 """The whole demo system (`edgefleet demo`: the fleet with its embedded broker and three agents
-under traffic) and one Chromium, shared by the console tests of a session."""
+under traffic) and one Chromium, shared by the browser tests of one module."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ class DemoStack:
         return str(response.json()["secret"])
 
 
-@pytest.fixture(scope="session")
+# Module scope: the demo's processes are gone before the next module's tests count theirs.
+@pytest.fixture(scope="module")
 def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
     work = tmp_path_factory.mktemp("demo")
     log = work.parent / "demo.log"
