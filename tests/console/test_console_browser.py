@@ -68,7 +68,7 @@ def table_rows(page: Page, selector: str) -> list[list[str]]:
     ]
 
 
-def shown_number(text: str, gate: str) -> float | None:
+def shown_number(text: str) -> float | None:
     """A gate value as the console shows it, back as the API's number."""
     if text == "—":
         return None
@@ -170,7 +170,7 @@ def test_an_operator_runs_a_staged_rollout_approves_aborts_and_the_devices_go_ba
                 assert text == "—"
             else:
                 # Shown rounded: rates to 0.01 percentage points, others to 3 significant digits.
-                assert shown_number(text, gate["name"]) == pytest.approx(value, rel=5e-3, abs=5e-5)
+                assert shown_number(text) == pytest.approx(value, rel=5e-3, abs=5e-5)
         assert row[4] == {True: "passed", False: "failed", None: "insufficient"}[gate["passed"]]
         assert int(row[5].replace(",", "")) == gate["samples"]
 

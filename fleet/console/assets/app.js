@@ -119,7 +119,6 @@ async function route(moved = true) {
     go: (hash) => {
       location.hash = hash;
     },
-    current: () => page === generation,
   };
   try {
     await render(view);

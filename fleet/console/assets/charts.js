@@ -6,7 +6,7 @@
 import { h, number } from "./ui.js";
 
 const SVG = "http://www.w3.org/2000/svg";
-export const PALETTE = ["#0b5cad", "#b3471b", "#2e7d32", "#6a3d9a", "#7a5c00", "#0e6f73"];
+const PALETTE = ["#0b5cad", "#b3471b", "#2e7d32", "#6a3d9a", "#7a5c00", "#0e6f73"];
 const DASHES = ["", "7 4", "2 3", "10 3 2 3", "4 4", "1 2"];
 
 function s(tag, attrs = {}, ...children) {
@@ -106,7 +106,7 @@ export function lineChart({ title, series, since, until, format = number, thresh
   return h("figure", { class: "chart-box" }, h("figcaption", {}, title), svg, legend(series.map((x) => x.name)));
 }
 
-export function legend(names) {
+function legend(names) {
   return h(
     "ul",
     { class: "legend" },

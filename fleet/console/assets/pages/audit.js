@@ -16,7 +16,7 @@ function subjectLink(entry) {
   return h("code", {}, entry.subject);
 }
 
-export function auditTable(entries, caption) {
+function auditTable(entries, caption) {
   return table({
     id: "audit",
     caption,

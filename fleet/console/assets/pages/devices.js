@@ -6,7 +6,7 @@ import { badge, facts, field, h, link, patch, say, section, select, table, when 
 
 const HEALTH = ["healthy", "degraded", "unknown", "lost", "offline", "never_seen"];
 
-export function chips(words) {
+function chips(words) {
   return words.length ? words.map((w) => h("span", { class: "chip" }, w)) : h("span", { class: "muted" }, "—");
 }
 
